@@ -1,0 +1,66 @@
+"""MoBA gate reference: block means and the parameter-free top-k block selection.
+
+Everything here works per document of a packed (varlen) batch; block indices are local to the document.
+"""
+
+import torch
+from torch import Tensor
+
+
+def doc_spans(cu_seqlens: Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] token ranges of the documents of a packed batch."""
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def block_means(k: Tensor, block_size: int) -> Tensor:
+    """Mean key of each block of one document: [L, H, D] -> [ceil(L/block_size), H, D] in fp32.
+
+    The last block may be short; its mean is over the keys it has.
+    """
+    length, heads, dim = k.shape
+    n_blocks = -(-length // block_size)
+    pad = n_blocks * block_size - length
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad))
+    sums = kf.view(n_blocks, block_size, heads, dim).sum(1)
+    counts = torch.full((n_blocks,), block_size, device=k.device, dtype=torch.float32)
+    counts[-1] = block_size - pad
+    return sums / counts[:, None, None]
+
+
+@torch.no_grad()
+def select_doc(q: Tensor, k: Tensor, block_size: int, top_k: int) -> Tensor:
+    """Block selection for one document: q [L, Hq, D], k [L, Hkv, D] -> [L, Hq, top_k] int32.
+
+    Indices are ascending, own block included, padded with -1 where fewer than top_k blocks exist.
+    """
+    length, hq, dim = q.shape
+    hkv = k.shape[1]
+    means = block_means(k, block_size)  # [nb, Hkv, D]
+    n_blocks = means.shape[0]
+    # each query head scores the means of its own KV head (GQA without copying K)
+    scores = torch.einsum("lkgd,nkd->lkgn", q.float().view(length, hkv, hq // hkv, dim), means)
+    scores = scores.reshape(length, hq, n_blocks)
+    own = torch.arange(length, device=q.device) // block_size  # [L]
+    blocks = torch.arange(n_blocks, device=q.device)
+    past = blocks[None, :] < own[:, None]  # [L, nb]: only blocks entirely in the past compete
+    scores = scores.masked_fill(~past[:, None, :], float("-inf"))
+    n_pick = min(top_k - 1, n_blocks)
+    idx = torch.full((length, hq, top_k), -1, device=q.device, dtype=torch.long)
+    if n_pick > 0:
+        val, top = scores.topk(n_pick, dim=-1)
+        idx[..., :n_pick] = torch.where(val > float("-inf"), top, -1)
+    idx[..., -1] = own[:, None]
+    # canonical order: ascending block index, -1 (none) last
+    key = torch.where(idx < 0, n_blocks, idx)
+    key = key.sort(dim=-1).values
+    return torch.where(key == n_blocks, -1, key).to(torch.int32)
+
+
+def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int,
+                top_k: int) -> Tensor:
+    """Reference gate over a packed batch: [T, Hq, top_k] int32 block indices within each document."""
+    out = torch.empty(q.shape[0], q.shape[1], top_k, device=q.device, dtype=torch.int32)
+    for start, end in doc_spans(cu_seqlens):
+        out[start:end] = select_doc(q[start:end], k[start:end], block_size, top_k)
+    return out
