@@ -1,0 +1,91 @@
+"""Starting weights for `model.init_from`: a HF Llama dir or a consolidated moba-train checkpoint dir.
+
+Consolidated format (what `scripts/convert_hf.py` writes): a directory with
+    config.json         {"format": "moba-train", "version": 1, "dtype": "float32", "model": <ModelConfig fields>}
+    model.safetensors   our parameter names (HF names without `model.`), tied lm_head stored once
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Optional, Union
+
+import torch
+
+from moba_train.model import hf
+from moba_train.model.config import AttentionConfig, ModelConfig
+from moba_train.model.hf import CheckpointError
+from moba_train.model.llama import Llama
+
+FORMAT = "moba-train"
+# Files a HF checkpoint dir carries besides weights that a consumer of the weights may want (tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def checkpoint_kind(path: str) -> str:
+    """'hf' or 'ours' for a checkpoint directory; anything else is an error naming the path."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config_path = os.path.join(path, hf.CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path}: no such file (a checkpoint dir needs config.json and safetensors)")
+    cfg = hf.read_json(config_path)
+    return "ours" if cfg.get("format") == FORMAT else "hf"
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig stored in a consolidated checkpoint dir."""
+    config_path = os.path.join(path, hf.CONFIG_FILE)
+    data = hf.read_json(config_path)
+    if data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{config_path}: not a moba-train checkpoint config (format={data.get('format')!r})")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data["model"]) - fields)
+    if unknown:
+        raise CheckpointError(f"{config_path}: unknown ModelConfig keys {unknown}")
+    return ModelConfig(**data["model"])
+
+
+def save_consolidated(model: Llama, out_dir: str, dtype: Union[str, torch.dtype, None] = None) -> str:
+    """Write `model` as a consolidated moba-train checkpoint dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = hf.state_for_export(model, hf.resolve_dtype(dtype, None) if dtype is not None else None)
+    hf.write_safetensors(state, out_dir, max_shard_bytes=1 << 62, metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "version": 1, "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
+            "model": dataclasses.asdict(model.cfg)}
+    with open(os.path.join(out_dir, hf.CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return out_dir
+
+
+def load_consolidated(path: str, attn_cfg: Optional[AttentionConfig] = None,
+                      dtype: Union[str, torch.dtype, None] = "float32", device: Union[str, torch.device] = "cpu",
+                      **overrides: Any) -> Llama:
+    cfg = read_config(path)
+    cfg = hf.apply_overrides(cfg, {"init_from": path, **overrides}, os.path.join(path, hf.CONFIG_FILE))
+    files = hf.weight_files(path)
+    declared = hf.hf_dtype(hf.read_json(os.path.join(path, hf.CONFIG_FILE)))  # reads the top-level "dtype"
+    model = hf.build_empty(cfg, attn_cfg, hf.resolve_dtype(dtype, declared), device)
+    hf.load_weights(model, files)
+    return model
+
+
+def load_pretrained(path: str, attn_cfg: Optional[AttentionConfig] = None,
+                    dtype: Union[str, torch.dtype, None] = "float32", device: Union[str, torch.device] = "cpu",
+                    **overrides: Any) -> Llama:
+    """Our Llama from a HF Llama dir or a consolidated moba-train dir (detected from config.json)."""
+    if checkpoint_kind(path) == "hf":
+        return hf.from_hf(path, attn_cfg, dtype=dtype, device=device, **overrides)
+    return load_consolidated(path, attn_cfg, dtype=dtype, device=device, **overrides)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copy tokenizer / generation files that sit next to the weights; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied

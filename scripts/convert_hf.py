@@ -1,0 +1,74 @@
+"""Convert between Hugging Face Llama checkpoints and moba-train consolidated checkpoints.
+
+    python scripts/convert_hf.py hf-to-ours  HF_DIR   OUT_DIR [--dtype float32|bfloat16|auto]
+    python scripts/convert_hf.py ours-to-hf  CKPT_DIR OUT_DIR [--dtype bfloat16] [--max-shard-gb 5]
+
+CKPT_DIR is a consolidated moba-train dir (config.json + model.safetensors, what hf-to-ours writes) or a
+trainer DCP checkpoint dir (needs --config with the run's model config when the dir does not carry one).
+Tokenizer files found next to the weights are copied along. Bad input exits with status 2 and one line.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moba_train.errors import UserError  # noqa: E402
+from moba_train.model import hf, pretrained  # noqa: E402
+
+
+def hf_to_ours(args: argparse.Namespace) -> None:
+    model = hf.from_hf(args.src, dtype=args.dtype or "auto")
+    pretrained.save_consolidated(model, args.dst)
+    copied = pretrained.copy_tokenizer_files(args.src, args.dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst}: {n / 1e6:.1f}M parameters, {model.cfg.n_layers} layers, dtype "
+          f"{model.embed_tokens.weight.dtype}" + (f", copied {', '.join(copied)}" if copied else ""))
+
+
+def ours_to_hf(args: argparse.Namespace) -> None:
+    model = load_ours(args.src, args.dtype, args.config)
+    hf.to_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    copied = pretrained.copy_tokenizer_files(args.src, args.dst)
+    print(f"wrote {args.dst} (LlamaForCausalLM)" + (f", copied {', '.join(copied)}" if copied else ""))
+
+
+def load_ours(path: str, dtype, config_path):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):  # a DCP checkpoint
+        raise UserError(f"{path}: DCP checkpoints are not supported yet; export a consolidated checkpoint first")
+    if pretrained.checkpoint_kind(path) != "ours":
+        raise UserError(f"{os.path.join(path, hf.CONFIG_FILE)}: this is a HF checkpoint already; "
+                        "use hf-to-ours to import it")
+    return pretrained.load_consolidated(path, dtype=dtype or "auto")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-ours", help="HF Llama dir -> consolidated moba-train checkpoint dir")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (default: as stored)")
+    a.set_defaults(fn=hf_to_ours)
+    b = sub.add_parser("ours-to-hf", help="consolidated or DCP moba-train checkpoint -> HF Llama dir")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    b.add_argument("--max-shard-gb", type=float, default=5.0, help="split the safetensors above this size")
+    b.add_argument("--config", default=None, help="for a DCP dir: the run's config (yaml/json with model: ...)")
+    b.set_defaults(fn=ours_to_hf)
+    args = parser.parse_args(argv)
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        print(f"error: {args.dst}: output dir must differ from the input dir", file=sys.stderr)
+        return 2
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""HF Llama interop: logits equal transformers', round trips are exact, bad checkpoints give clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from moba_train.errors import UserError  # noqa: E402
+from moba_train.model import AttentionConfig  # noqa: E402
+from moba_train.model.hf import CheckpointError, config_from_hf, from_hf, to_hf  # noqa: E402
+from moba_train.model.pretrained import load_pretrained, save_consolidated  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL = AttentionConfig(kind="full")
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+def make_hf(tmp_path, name="hf", tie=False, rope_scaling=LLAMA3, shard=None, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rope_theta=500000.0, rope_scaling=rope_scaling, max_position_embeddings=256,
+               rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    cfg.update(kw)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # HF inits norms to 1: perturb them so a mapping mistake shows in the logits
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.to(dtype)
+    path = tmp_path / name
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return model, str(path)
+
+
+def logits_diff(hf_model, ours, seq=48):
+    x = torch.randint(0, hf_model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (hf_model(x).logits.float() - ours(x).float()).abs().max().item()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_transformers(tmp_path, tie):
+    hf_model, path = make_hf(tmp_path, tie=tie)
+    ours = from_hf(path, FULL)
+    assert ours.cfg.rope_scaling["rope_type"] == "llama3" and ours.cfg.n_kv_heads == 2
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == tie
+    assert ours.attention_kinds() == ["full", "full"]
+    assert logits_diff(hf_model, ours) <= 1e-4
+
+
+def test_sharded_and_default_rope(tmp_path):
+    hf_model, path = make_hf(tmp_path, rope_scaling=None, shard="20KB")
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    ours = from_hf(path, FULL)
+    assert ours.cfg.rope_scaling is None
+    assert logits_diff(hf_model, ours) <= 1e-4
+
+
+def test_linear_scaling_and_dtype(tmp_path):
+    hf_model, path = make_hf(tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0}, dtype=torch.bfloat16)
+    assert from_hf(path, FULL, dtype="auto").embed_tokens.weight.dtype == torch.bfloat16
+    ours = from_hf(path, FULL)  # float32 by default
+    assert ours.embed_tokens.weight.dtype == torch.float32 and ours.inv_freq.dtype == torch.float32
+    assert logits_diff(hf_model.float(), ours) <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_exact(tmp_path, tie):
+    _, path = make_hf(tmp_path, tie=tie)
+    ours = from_hf(path, FULL)
+    to_hf(ours, tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(back).__name__ == "LlamaForCausalLM" and back.config.tie_word_embeddings == tie
+    assert back.config.rope_parameters["rope_type"] == "llama3"
+    src, out = load_file(os.path.join(path, "model.safetensors")), load_file(tmp_path / "out" / "model.safetensors")
+    assert src.keys() == out.keys()
+    assert all(torch.equal(src[k], out[k]) for k in src)
+    again = from_hf(str(tmp_path / "out"), FULL)
+    assert again.cfg == ours.cfg.__class__(**{**ours.cfg.__dict__, "init_from": str(tmp_path / "out")})
+    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    # through our consolidated format and the conversion script
+    save_consolidated(ours, tmp_path / "ours")
+    assert torch.equal(load_pretrained(str(tmp_path / "ours"), FULL).lm_head.weight, ours.lm_head.weight)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), "ours-to-hf",
+                          str(tmp_path / "ours"), str(tmp_path / "hf2")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out2 = load_file(tmp_path / "hf2" / "model.safetensors")
+    assert all(torch.equal(src[k], out2[k]) for k in src)
+
+
+def test_overrides_and_moba(tmp_path):
+    _, path = make_hf(tmp_path)
+    ours = from_hf(path, AttentionConfig(kind="moba", block_size=8, top_k=2, full_attn_last_k=1),
+                   rope_theta=1e6, rope_scaling=None, max_seq_len=1024)
+    assert ours.cfg.rope_theta == 1e6 and ours.cfg.max_seq_len == 1024 and ours.cfg.init_from == path
+    assert ours.attention_kinds() == ["moba", "full"]
+    with pytest.raises(UserError, match="change the architecture"):
+        from_hf(path, n_layers=3)
+    with pytest.raises(UserError, match="unknown ModelConfig overrides"):
+        from_hf(path, rope_thta=1.0)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        from_hf(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty/config.json: no such file"):
+        from_hf(str(tmp_path / "empty"))
+    _, path = make_hf(tmp_path)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    with pytest.raises(CheckpointError, match="only Llama"):
+        config_from_hf({**cfg, "model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+    with pytest.raises(CheckpointError, match="rope_type 'yarn'"):
+        config_from_hf({**cfg, "rope_parameters": None, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(CheckpointError, match="attention_bias"):
+        config_from_hf({**cfg, "attention_bias": True})
+    # shape mismatch: the config says a bigger FFN than the weights
+    json.dump({**cfg, "intermediate_size": 128}, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' "
+                                              r"has shape \[64, 96\] but the config gives \[64, 128\]"):
+        from_hf(path)
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    del tensors["model.norm.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: missing 1 tensors, e.g. \['norm.weight'\]"):
+        from_hf(path)
+    os.remove(weights)
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        from_hf(path)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), "hf-to-ours", path,
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no model.safetensors" in run.stderr
