@@ -19,9 +19,10 @@ def selection_mask(idx: Tensor, block_size: int) -> Tensor:
 
 
 def attend_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """fp32 softmax attention of one document under an [Hq, L, L] mask; K/V heads shared by GQA."""
+    """Softmax attention (fp32 or wider) of one document under an [Hq, L, L] mask; K/V heads shared by GQA."""
     group = q.shape[1] // k.shape[1]
-    qf, kf, vf = (x.float().transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (x.to(wide).transpose(0, 1) for x in (q, k, v))  # [H, L, D]
     kf, vf = kf.repeat_interleave(group, 0), vf.repeat_interleave(group, 0)
     scores = (qf @ kf.transpose(1, 2)) * scale
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)

@@ -1,0 +1,29 @@
+"""Pretraining entry point: `torchrun --nproc_per_node=N launch/pretrain.py +exp=tiny [key=value ...]`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from moba_train.config import register_configs, to_config  # noqa: E402
+from moba_train.errors import UserError  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from moba_train.train.trainer import Trainer
+
+    try:
+        Trainer(to_config(cfg)).train()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The one structured config tree: dataclasses per component, registered in Hydra's ConfigStore.
+
+YAML files under configs/ hold values; this file holds the schema (unknown keys are errors) and `validate`,
+which turns a bad value into one ConfigError line naming the key and the allowed values.
+"""
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+from moba_train.data.config import DataConfig
+from moba_train.errors import ConfigError
+from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, ModelConfig
+from moba_train.ops import BACKENDS
+from moba_train.parallel.config import CP_MODES, ParallelConfig
+from moba_train.train.config import AC_MODES, CheckpointConfig, LoggerConfig, TrainConfig
+
+DATA_KINDS = ("synthetic", "megatron", "sft")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base", node=Config)
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Hydra's DictConfig -> typed Config dataclasses (validated)."""
+    config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value, allowed) -> None:
+    _require(value in allowed, f"{key}={value!r} is not one of {tuple(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    m, a, d, t, p = cfg.model, cfg.attention, cfg.data, cfg.train, cfg.parallel
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+        _require(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be >= 1")
+    _require(m.head_dim is not None or m.dim % m.n_heads == 0,
+             f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    _require(m.head_size % 2 == 0, f"head dim {m.head_size} must be even for RoPE (model.head_dim)")
+
+    _one_of("attention.kind", a.kind, ATTENTION_KINDS)
+    _one_of("attention.backend", a.backend, ("auto",) + BACKENDS)
+    _require(a.top_k >= 1, f"attention.top_k={a.top_k} must be >= 1")
+    _require(a.block_size >= 16 and a.block_size % 16 == 0,
+             f"attention.block_size={a.block_size} must be a positive multiple of 16")
+    _require(0 <= a.full_attn_last_k <= m.n_layers,
+             f"attention.full_attn_last_k={a.full_attn_last_k} must be in [0, model.n_layers={m.n_layers}]")
+    if a.layers is not None:
+        _require(len(a.layers) == m.n_layers,
+                 f"attention.layers has {len(a.layers)} entries; model.n_layers={m.n_layers}")
+        for i, kind in enumerate(a.layers):
+            _one_of(f"attention.layers[{i}]", kind, ATTENTION_KINDS)
+    for i, stage in enumerate(a.schedule):
+        _require("at" in stage and 0.0 <= float(stage["at"]) <= 1.0,
+                 f"attention.schedule[{i}].at must be a step fraction in [0, 1]")
+
+    _one_of("data.name", d.name, DATA_KINDS)
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
+    _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    if d.name == "synthetic":
+        _require(d.num_pairs <= d.num_keys, f"data.num_pairs={d.num_pairs} must be <= data.num_keys={d.num_keys}")
+        _require(d.num_queries <= d.num_pairs,
+                 f"data.num_queries={d.num_queries} must be <= data.num_pairs={d.num_pairs}")
+        _require(d.num_keys + d.num_values <= 200,
+                 f"data.num_keys + data.num_values must be <= 200 (byte vocabulary), got {d.num_keys + d.num_values}")
+        _require(d.seq_len >= 6 * d.num_pairs + 3 * d.num_queries,
+                 f"data.seq_len={d.seq_len} is too short for {d.num_pairs} pairs and {d.num_queries} queries")
+    elif d.name in ("megatron", "sft"):
+        _require(bool(d.path), f"data.path is required for data.name={d.name} (give data.path=...)")
+
+    _one_of("train.device", t.device, DEVICES)
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+    _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+
+    _one_of("parallel.cp_mode", p.cp_mode, CP_MODES)
+    for key in ("cp", "dp_replicate"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 or >= 1")

@@ -1,0 +1,36 @@
+"""Deterministic, resumable batching over an indexable dataset, split over data-parallel ranks.
+
+Global sample order is fixed by the dataset; a step consumes `batch_size * dp_size` samples per micro-batch,
+so the position is one number (`consumed`) that any dp size can resume from.
+"""
+
+import torch
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples; per-sample document lengths (`doc_lens`) become cu_seqlens over the flattened batch."""
+    batch = {key: torch.stack([s[key] for s in samples]) for key in ("input_ids", "labels")}
+    if "doc_lens" in samples[0]:
+        lengths = torch.cat([s["doc_lens"] for s in samples])
+        batch["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    if "positions" in samples[0]:
+        batch["positions"] = torch.stack([s["positions"] for s in samples])
+    return batch
+
+
+class Loader:
+    def __init__(self, dataset, batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed = 0  # global samples consumed, over all dp ranks
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        first = self.consumed + self.dp_rank * self.batch_size
+        self.consumed += self.batch_size * self.dp_size
+        return collate([self.dataset[(first + i) % len(self.dataset)] for i in range(self.batch_size)])
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])

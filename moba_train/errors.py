@@ -1,0 +1,9 @@
+"""Errors caused by user input: launchers print them as one line and exit 2, never as a traceback."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix (config, data, checkpoint, hardware request)."""
+
+
+class ConfigError(UserError):
+    """An invalid config value; the message names the key and the allowed values."""

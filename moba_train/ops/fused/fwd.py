@@ -1,0 +1,151 @@
+"""Forward: selected past blocks key-block-major, then the causal own block query-major, merged by LSE.
+
+Past pass: one launch per slot; a program takes a tile of rows routed to one (block, KV head), gathers their
+queries by index, streams the block's keys once for the whole tile, and folds its partial softmax into the
+row's running state (fp32 acc, max, sum). Within a launch a row appears once, so the update needs no atomics.
+Own-block pass: contiguous query tiles per query head, causal inside the block; it folds in the running
+state, normalises and writes out and the LSE (natural log) the backward needs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moba_train.ops.fused.layout import Layout
+from moba_train.ops.fused.routing import Routes
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tile0 + tl.program_id(0)
+    r0 = tl.load(Tiles + 3 * tile)
+    n_rows = tl.load(Tiles + 3 * tile + 1)
+    pair = tl.load(Tiles + 3 * tile + 2)
+    hk = pair // NB
+    gb = pair % NB
+    k_start = tl.load(BlkStart + gb)
+    k_len = tl.load(BlkLen + gb)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, k_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < k_len
+        kv_off = ((k_start + offs_n).to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    acc_ptr = Acc + rows[:, None] * D + offs_d[None, :]
+    if not FIRST:  # every row here met an earlier slot, so its state is finite
+        m_o = tl.load(M + rows, mask=mask_m, other=0.0)
+        m_n = tl.maximum(m_o, m_i)
+        a = tl.math.exp2(m_o - m_n)
+        c = tl.math.exp2(m_i - m_n)
+        acc = tl.load(acc_ptr, mask=mask_m[:, None], other=0.0) * a[:, None] + acc * c[:, None]
+        l_i = tl.load(L + rows, mask=mask_m, other=0.0) * a + l_i * c
+        m_i = m_n
+    tl.store(acc_ptr, acc, mask=mask_m[:, None])
+    tl.store(M + rows, m_i, mask=mask_m)
+    tl.store(L + rows, l_i, mask=mask_m)
+
+
+@triton.jit
+def _own_kernel(Q, K, V, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_log2,
+                HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (HQ // HKV)
+    t0 = tl.load(QTiles + 2 * tile)
+    gb = tl.load(QTiles + 2 * tile + 1)
+    k_start = tl.load(BlkStart + gb)
+    t_end = k_start + tl.load(BlkLen + gb)
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < t_end
+    rows = offs_m.to(tl.int64) * HQ + h
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = tl.minimum(t0 + BLOCK_M, t_end)
+    # keys before the tile need no causal mask; the diagonal chunk(s) do
+    for n0 in range(k_start, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_off = (offs_n.to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=(offs_n < hi)[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=(offs_n < hi)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    if HAS_PAST:  # rows with no past block kept M = -inf; their acc/L were never written
+        m_o = tl.load(M + rows, mask=mask_m, other=float("-inf"))
+        has = m_o > float("-inf")
+        m_n = tl.maximum(m_o, m_i)
+        a = tl.where(has, tl.math.exp2(m_o - m_n), 0.0)
+        c = tl.math.exp2(m_i - m_n)
+        acc_o = tl.load(Acc + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & has[:, None], other=0.0)
+        l_o = tl.load(L + rows, mask=mask_m & has, other=0.0)
+        acc = acc_o * a[:, None] + acc * c[:, None]
+        l_i = l_o * a + l_i * c
+        m_i = m_n
+    out = acc / l_i[:, None]
+    tl.store(Out + rows[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(Lse + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=mask_m)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, scale: float,
+            interpret: bool) -> tuple[Tensor, Tensor]:
+    """-> out [T, Hq, D] (q's dtype), lse [T, Hq] fp32 (natural log)."""
+    tokens, hq, dim = q.shape
+    hkv = k.shape[1]
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_n = 16 if interpret else 64
+    out = torch.empty_like(q)
+    lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
+    has_past = routes.rows.numel() > 0
+    if has_past:
+        acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32)
+        m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)
+        l_sum = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
+        tile0 = 0
+        for slot, n_tiles in enumerate(routes.tiles_per_slot):
+            if n_tiles:
+                _past_kernel[(n_tiles,)](q, k, v, acc, m, l_sum, routes.rows, routes.tiles, tile0, layout.blk_start,
+                                         layout.blk_len, scale * LOG2E, layout.n_blocks, HQ=hq, HKV=hkv, D=dim,
+                                         FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m,
+                                         BLOCK_N=block_n, num_warps=4 if interpret else 8, num_stages=2)
+            tile0 += n_tiles
+    else:
+        acc = m = l_sum = lse  # unread placeholders
+    _own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, acc, m, l_sum, out, lse, layout.q_tiles, layout.blk_start,
+                                               layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
+                                               HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
+                                               BLOCK_N=block_n, num_warps=4 if interpret else 8, num_stages=2)
+    return out, lse

@@ -1,0 +1,71 @@
+"""Fused gate: scores against past block means, causal candidate mask and top-k, never a score tensor.
+
+One program per (query tile, query head). Tiles never straddle blocks, so every row of a tile has the same
+candidates (blocks 0..b-1 of its document); the program streams their means in chunks and keeps a running
+top-(k-1) per row in registers. Scores are fp32 (`ieee` dot) so selections match the reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moba_train.ops.fused.layout import Layout
+
+
+@triton.jit
+def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
+                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (HQ // HKV)
+    t0 = tl.load(QTiles + 2 * tile)
+    gb = tl.load(QTiles + 2 * tile + 1)
+    b = tl.load(BlkLocal + gb)
+    first = gb - b  # global index of the document's block 0
+    t_end = tl.load(BlkStart + gb) + tl.load(BlkLen + gb)
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < t_end
+    offs_d = tl.arange(0, D)
+    rows = offs_m.to(tl.int64) * HQ + h
+    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+
+    slot = tl.arange(0, KP)
+    # slots past k-1 hold +inf so they are never the running minimum (never replaced, never selected)
+    top_v = tl.where(slot[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
+    top_i = tl.full([BLOCK_M, KP], -1, tl.int32)
+    for c0 in range(0, b, BLOCK_B):
+        offs_b = c0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < b
+        mean = tl.load(Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :],
+                       mask=mask_b[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(mean), input_precision="ieee")
+        s = tl.where(mask_b[None, :], s, float("-inf"))
+        for _ in range(TOPK - 1):
+            best = tl.max(s, 1)
+            arg = tl.argmax(s, 1, tie_break_left=True)
+            low = tl.min(top_v, 1)
+            low_arg = tl.argmin(top_v, 1, tie_break_left=True)
+            put = (best > low)[:, None] & (slot[None, :] == low_arg[:, None])
+            top_v = tl.where(put, best[:, None], top_v)
+            top_i = tl.where(put, (c0 + arg)[:, None], top_i)
+            s = tl.where(tl.arange(0, BLOCK_B)[None, :] == arg[:, None], float("-inf"), s)
+
+    # canonical order: ascending past blocks, then the own block, then -1
+    big = 1 << 30
+    key = tl.sort(tl.where(top_i < 0, big, top_i), 1)
+    n_past = tl.sum((top_i >= 0).to(tl.int32), 1)
+    sel = tl.where(slot[None, :] < n_past[:, None], key, tl.where(slot[None, :] == n_past[:, None], b, -1))
+    tl.store(Out + rows[:, None] * TOPK + slot[None, :], sel, mask=mask_m[:, None] & (slot[None, :] < TOPK))
+
+
+def select(q: Tensor, means: Tensor, layout: Layout, top_k: int) -> Tensor:
+    """q [T, Hq, D] contiguous, means [B, Hkv, D] fp32 -> [T, Hq, top_k] int32 canonical selection."""
+    tokens, hq, dim = q.shape
+    out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
+    grid = (layout.q_tiles.shape[0], hq)
+    _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
+                       HQ=hq, HKV=means.shape[1], D=dim, TOPK=top_k, KP=triton.next_power_of_2(top_k),
+                       BLOCK_M=layout.tile_m, BLOCK_B=32)
+    return out

@@ -1,0 +1,48 @@
+"""Block and tile tables of a packed batch: the metadata every fused kernel indexes by.
+
+Blocks are numbered globally over the batch (document after document); a kernel maps a global block back
+to its document through `first` (global index of the document's block 0).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Layout:
+    block_size: int
+    n_blocks: int       # blocks over the whole batch
+    blk_start: Tensor   # [B] int32 first token of each block
+    blk_len: Tensor     # [B] int32 tokens in each block (the last of a document may be short)
+    blk_local: Tensor   # [B] int32 index of the block within its document
+    q_tiles: Tensor     # [n_tiles, 2] int32 (first token, global block) of query tiles that never straddle blocks
+    tile_m: int         # rows of a query tile
+
+
+def query_tile(block_size: int, interpret: bool) -> int:
+    """Rows per query tile: tiles never straddle blocks, so take the largest power of two dividing the block."""
+    cap = 16 if interpret else 128
+    tile = 16
+    while tile * 2 <= cap and block_size % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def build_layout(cu_seqlens: Tensor, block_size: int, tile_m: int, device: torch.device) -> Layout:
+    """Tables from cu_seqlens, computed on the host (one sync): O(blocks + tiles) entries."""
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    nb_doc = (lengths + block_size - 1) // block_size
+    doc_of_blk = torch.repeat_interleave(torch.arange(len(lengths)), nb_doc)
+    first_blk = torch.cumsum(nb_doc, 0) - nb_doc
+    blk_local = torch.arange(int(nb_doc.sum())) - first_blk[doc_of_blk]
+    blk_start = cu[:-1][doc_of_blk] + blk_local * block_size
+    blk_len = torch.minimum(cu[1:][doc_of_blk] - blk_start, torch.tensor(block_size))
+    tiles_per_blk = (blk_len + tile_m - 1) // tile_m
+    tile_blk = torch.repeat_interleave(torch.arange(len(blk_len)), tiles_per_blk)
+    tile_idx = torch.arange(len(tile_blk)) - (torch.cumsum(tiles_per_blk, 0) - tiles_per_blk)[tile_blk]
+    q_tiles = torch.stack([blk_start[tile_blk] + tile_idx * tile_m, tile_blk], 1)
+    dev = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
+    return Layout(block_size, len(blk_len), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles), tile_m)

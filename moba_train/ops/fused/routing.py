@@ -1,0 +1,62 @@
+"""Routing: from the selection [T, Hq, k] to row lists per (KV head, block, slot), with torch ops on O(T*Hq*k) data.
+
+A row is one (token, query head), numbered t * Hq + h. Slot r of a row is its r-th past block in ascending
+order (the own block is handled separately by the causal kernels). Rows are sorted by the segment key
+(kv head, global block, slot): the rows of one (kv head, block) are then contiguous over all slots (the
+backward walks them KV-major) and each slot is a sub-range (the forward handles one slot per launch, so a
+row meets each launch at most once and the running softmax state is updated without atomics).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moba_train.ops.fused.layout import Layout
+
+
+@dataclass
+class Routes:
+    n_slots: int          # k - 1 past slots
+    tile_m: int           # rows per forward tile
+    rows: Tensor          # [n_entries] int32 row ids sorted by segment
+    seg_start: Tensor     # [Hkv * B * n_slots + 1] int32 start of each segment in `rows`
+    tiles: Tensor         # [n_tiles, 3] int32 (start in rows, row count, hk * B + block) ordered by slot
+    tiles_per_slot: list  # forward launch sizes, slot by slot
+
+
+def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
+    tokens, hq, top_k = idx.shape
+    n_slots, nb = top_k - 1, layout.n_blocks
+    device = idx.device
+    if n_slots == 0:
+        empty = torch.zeros(0, device=device, dtype=torch.int32)
+        return Routes(0, tile_m, empty, torch.zeros(1, device=device, dtype=torch.int32), empty.view(0, 3), [])
+    past = idx[:, :, :n_slots]
+    # global block of each token: the block holding it; the first block of its document is that minus local index
+    tok_blk = torch.repeat_interleave(torch.arange(nb, device=device), layout.blk_len.long(), output_size=tokens)
+    first = (tok_blk - layout.blk_local[tok_blk])[:, None, None]
+    own = layout.blk_local[tok_blk][:, None, None]
+    valid = (past >= 0) & (past < own)
+    hk = (torch.arange(hq, device=device) // (hq // hkv))[None, :, None]
+    slot = torch.arange(n_slots, device=device)[None, None, :]
+    n_seg = hkv * nb * n_slots
+    key = ((hk * nb + first + past) * n_slots + slot).to(torch.int32)
+    key = torch.where(valid, key, n_seg).flatten()
+    key, order = torch.sort(key, stable=True)
+    n_valid = int(torch.searchsorted(key, n_seg))
+    rows = (order[:n_valid] // n_slots).to(torch.int32)
+    counts = torch.bincount(key[:n_valid], minlength=n_seg)
+    seg_start = torch.zeros(n_seg + 1, device=device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=seg_start[1:])
+
+    # forward tiles: segments enumerated slot-major, each cut into tiles of tile_m rows
+    seg_by_slot = torch.arange(n_seg, device=device).view(hkv * nb, n_slots).t().flatten()
+    n_tiles = (counts[seg_by_slot] + tile_m - 1) // tile_m
+    tile_seg = torch.repeat_interleave(seg_by_slot, n_tiles)
+    first_tile = torch.cumsum(n_tiles, 0) - n_tiles
+    within = torch.arange(tile_seg.numel(), device=device) - torch.repeat_interleave(first_tile, n_tiles)
+    start = seg_start[tile_seg] + within * tile_m
+    tiles = torch.stack([start, torch.clamp(seg_start[tile_seg + 1] - start, max=tile_m), tile_seg // n_slots], 1)
+    tiles_per_slot = n_tiles.view(n_slots, -1).sum(1).tolist()
+    return Routes(n_slots, tile_m, rows, seg_start.to(torch.int32), tiles.to(torch.int32).contiguous(), tiles_per_slot)

@@ -1,0 +1,102 @@
+"""The training loop: build everything from one Config, then step.
+
+Loss is the mean over every real (unmasked) token of the global batch (all micro-batches, all dp x cp
+ranks): each micro-batch contributes sum(token losses) / global token count.
+"""
+
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from moba_train.config import Config
+from moba_train.data import Loader, build_dataset
+from moba_train.errors import ConfigError
+from moba_train.model import Llama
+from moba_train.parallel import ParallelDims, init_parallel, parallelize
+from moba_train.train.metrics import MetricsLogger
+from moba_train.train.optim import build_optimizer, build_scheduler
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def build_model(cfg: Config, device: torch.device) -> Llama:
+    with torch.device(device):
+        return Llama(cfg.model, cfg.attention)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = parallelize(build_model(cfg, self.device), cfg, self.dims)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.loader = Loader(build_dataset(cfg.data, cfg.train.seed), cfg.data.batch_size, self.dims.dp_rank,
+                             self.dims.dp)
+        self.step = 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else nullcontext())
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dims.loss_group is not None:
+            dist.all_reduce(t, group=self.dims.loss_group)
+        return t
+
+    def train_step(self) -> dict:
+        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        local_tokens = sum((b["labels"] != -100).sum() for b in batches)
+        global_tokens = self._all_reduce(local_tokens.float()).clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self.autocast:
+                loss, _ = self.model(batch["input_ids"], batch.get("positions"), batch.get("cu_seqlens"),
+                                     labels=batch["labels"])
+            (loss / global_tokens).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._all_reduce(loss_sum) / global_tokens
+        tokens = sum(b["input_ids"].numel() for b in batches) * self.dims.dp
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+
+    def train(self) -> None:
+        cfg = self.cfg.train
+        logger = MetricsLogger(cfg.out_dir, cfg.steps, self.step, self.cfg.logger, self.dims.is_main,
+                               run_config=asdict(self.cfg))
+        self.model.train()
+        tick, tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                lr = self.optimizer.param_groups[0]["lr"]
+                out = self.train_step()
+                self.step += 1
+                tokens += out["tokens"]
+                logger.advance()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - tick
+                    logger.log(self.step, {"loss": out["loss"].item(), "lr": lr,
+                                           "grad_norm": float(out["grad_norm"]),
+                                           "tokens_per_s": tokens / elapsed})
+                    tick, tokens = time.perf_counter(), 0
+        finally:
+            logger.close()

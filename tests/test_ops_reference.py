@@ -1,0 +1,139 @@
+"""The MoBA reference (gate + naive backend) against independent dense math and the DESIGN.md equivalences."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import packed
+from moba_train.ops import full_attn, moba_attn, moba_select
+
+
+def grads(fn, q, k, v, seed=1):
+    out = fn(q, k, v)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    dq, dk, dv = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    return out.detach(), dq, dk, dv
+
+
+def assert_same(a, b, tol=1e-9):
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=tol, rtol=tol), (x - y).abs().max()
+
+
+def brute_select(q, k, cu, block_size, top_k):
+    """Per token and head, by explicit loops (float64): own block + best top_k-1 strictly-past blocks."""
+    out = torch.full((q.shape[0], q.shape[1], top_k), -1, dtype=torch.int32)
+    group = q.shape[1] // k.shape[1]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        n_blocks = math.ceil((e - s) / block_size)
+        means = [k[s + j * block_size:min(e, s + (j + 1) * block_size)].double().mean(0) for j in range(n_blocks)]
+        for t in range(e - s):
+            own = t // block_size
+            for h in range(q.shape[1]):
+                scores = [(float(q[s + t, h].double() @ means[j][h // group]), j) for j in range(own)]
+                picked = sorted(j for _, j in sorted(scores, reverse=True)[:top_k - 1]) + [own]
+                out[s + t, h, :len(picked)] = torch.tensor(picked, dtype=torch.int32)
+    return out
+
+
+def brute_attn(q, k, v, cu, block_size, sel, scale):
+    """Softmax attention of each (token, head) over exactly its selected causal keys, one row at a time."""
+    rows = []
+    group = q.shape[1] // k.shape[1]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for t in range(e - s):
+            heads = []
+            for h in range(q.shape[1]):
+                blocks = {int(b) for b in sel[s + t, h] if b >= 0}
+                keys = [s + j for j in range(t + 1) if j // block_size in blocks]
+                kk, vv = k[keys, h // group], v[keys, h // group]
+                heads.append(torch.softmax(kk @ q[s + t, h] * scale, 0) @ vv)
+            rows.append(torch.stack(heads))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("lengths,hq,hkv,block,top_k", [
+    ([37, 20], 4, 2, 8, 3),      # packed, short last blocks, GQA
+    ([50], 2, 2, 16, 2),
+    ([9, 33, 16], 4, 1, 8, 8),   # MQA; top_k >= blocks in the short documents
+])
+def test_select_matches_brute_force(lengths, hq, hkv, block, top_k):
+    q, k, _, cu, max_len = packed(lengths, hq, hkv, 8, requires_grad=False, seed=sum(lengths))
+    got = moba_select(q, k, cu, max_len, block, top_k)
+    assert got.dtype == torch.int32 and got.shape == (sum(lengths), hq, top_k)
+    assert torch.equal(got, brute_select(q, k, cu, block, top_k))
+
+
+def test_select_invariants():
+    q, k, _, cu, max_len = packed([200, 77], 4, 2, 16, requires_grad=False, seed=3)
+    idx = moba_select(q, k, cu, max_len, 16, 5)
+    local = torch.cat([torch.arange(200), torch.arange(77)])
+    own = (local // 16)[:, None]
+    assert ((idx == own[..., None]).sum(-1) == 1).all(), "own block always selected exactly once"
+    assert (idx <= own[..., None]).all(), "no future block"
+    valid = idx >= 0
+    assert (valid.sum(-1) == torch.clamp(own + 1, max=5)).all(), "top_k blocks when that many exist"
+    ordered = torch.where(valid, idx, 10**6)
+    assert ((ordered[..., 1:] > ordered[..., :-1]) | (ordered[..., 1:] == 10**6)).all(), "ascending, -1 last"
+
+
+@pytest.mark.parametrize("lengths,hq,hkv,block,top_k", [([37, 20], 4, 2, 8, 3), ([45], 2, 1, 16, 2)])
+def test_naive_matches_brute_force(lengths, hq, hkv, block, top_k):
+    q, k, v, cu, max_len = packed(lengths, hq, hkv, 8, seed=7)
+    scale = 8 ** -0.5
+    sel = brute_select(q.detach(), k.detach(), cu, block, top_k)
+    ours = grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, block, top_k, "naive"), q, k, v)
+    ref = grads(lambda q, k, v: brute_attn(q, k, v, cu, block, sel, scale), q, k, v)
+    assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("block,top_k", [(8, 16), (16, 4), (128, 1)])
+def test_enough_blocks_is_full_attention(block, top_k):
+    """top_k >= number of blocks, or block_size >= sequence length: exactly full causal attention."""
+    q, k, v, cu, max_len = packed([64, 29, 41], 4, 2, 16, seed=block)
+    ours = grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, block, top_k, "naive"), q, k, v)
+    ref = grads(lambda q, k, v: full_attn(q, k, v, cu, max_len), q, k, v)
+    assert_same(ours, ref)
+
+
+def test_top1_is_block_diagonal():
+    """top_k == 1: each block attends causally to itself only: full attention with every block a document."""
+    lengths, block = [40, 19, 64], 16
+    q, k, v, cu, max_len = packed(lengths, 4, 2, 16, seed=11)
+    pieces = []
+    for n in lengths:
+        pieces += [min(block, n - s) for s in range(0, n, block)]
+    cu_blocks = torch.tensor([0] + list(torch.tensor(pieces).cumsum(0)), dtype=torch.int32)
+    ours = grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, block, 1, "naive"), q, k, v)
+    ref = grads(lambda q, k, v: full_attn(q, k, v, cu_blocks, block), q, k, v)
+    assert_same(ours, ref)
+
+
+def test_moba_is_sparse_not_full():
+    """With fewer selected blocks than exist, MoBA must differ from full attention (the test above can fail)."""
+    q, k, v, cu, max_len = packed([128], 2, 2, 16, seed=5, requires_grad=False)
+    diff = moba_attn(q, k, v, cu, max_len, 16, 2, "naive") - full_attn(q, k, v, cu, max_len)
+    assert diff[:32].abs().max() < 1e-12 and diff[32:].abs().max() > 1e-3
+
+
+def test_gate_has_no_gradient():
+    """Gradients equal those of attention under the (constant) selection mask."""
+    q, k, v, cu, max_len = packed([48], 2, 2, 8, seed=2)
+    sel = brute_select(q.detach(), k.detach(), cu, 16, 2)
+    ours = grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, 16, 2, "naive", softmax_scale=0.3), q, k, v)
+    ref = grads(lambda q, k, v: brute_attn(q, k, v, cu, 16, sel, 0.3), q, k, v)
+    assert_same(ours, ref)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, cu, max_len = packed([32], 4, 3, 8, requires_grad=False)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        moba_attn(q, k, v, cu, max_len, 16, 2, "naive")
+    q, k, v, cu, max_len = packed([32], 4, 2, 8, requires_grad=False)
+    with pytest.raises(ValueError, match="top_k"):
+        moba_attn(q, k, v, cu, max_len, 16, 0, "naive")
+    with pytest.raises(ValueError, match="backend"):
+        moba_attn(q, k, v, cu, max_len, 16, 2, "fast")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        moba_attn(q, k, v, torch.tensor([0, 31], dtype=torch.int32), max_len, 16, 2, "naive")
