@@ -129,7 +129,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
     block_n = 16 if interpret else 64
     out = torch.empty_like(q)
     lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
-    has_past = routes.rows.numel() > 0
+    has_past = sum(routes.tiles_per_slot) > 0
     if has_past:
         acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32)
         m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)

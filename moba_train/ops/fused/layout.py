@@ -19,6 +19,16 @@ class Layout:
     blk_local: Tensor   # [B] int32 index of the block within its document
     q_tiles: Tensor     # [n_tiles, 2] int32 (first token, global block) of query tiles that never straddle blocks
     tile_m: int         # rows of a query tile
+    blk_start_cpu: Tensor  # host copies, to cut other tables without a sync
+    blk_len_cpu: Tensor
+
+    def key_chunks(self, block_n: int) -> Tensor:
+        """[n_chunks, 2] int32 (global block, first key) of key chunks of block_n that never straddle blocks."""
+        per_blk = (self.blk_len_cpu + block_n - 1) // block_n
+        blk = torch.repeat_interleave(torch.arange(self.n_blocks), per_blk)
+        idx = torch.arange(len(blk)) - (torch.cumsum(per_blk, 0) - per_blk)[blk]
+        table = torch.stack([blk, self.blk_start_cpu[blk] + idx * block_n], 1)
+        return table.to(device=self.blk_start.device, dtype=torch.int32).contiguous()
 
 
 def query_tile(block_size: int, interpret: bool) -> int:
@@ -45,4 +55,5 @@ def build_layout(cu_seqlens: Tensor, block_size: int, tile_m: int, device: torch
     tile_idx = torch.arange(len(tile_blk)) - (torch.cumsum(tiles_per_blk, 0) - tiles_per_blk)[tile_blk]
     q_tiles = torch.stack([blk_start[tile_blk] + tile_idx * tile_m, tile_blk], 1)
     dev = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
-    return Layout(block_size, len(blk_len), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles), tile_m)
+    return Layout(block_size, len(blk_len), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles), tile_m,
+                  blk_start, blk_len)

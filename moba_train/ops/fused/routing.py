@@ -30,8 +30,8 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     n_slots, nb = top_k - 1, layout.n_blocks
     device = idx.device
     if n_slots == 0:
-        empty = torch.zeros(0, device=device, dtype=torch.int32)
-        return Routes(0, tile_m, empty, torch.zeros(1, device=device, dtype=torch.int32), empty.view(0, 3), [])
+        one = torch.zeros(1, device=device, dtype=torch.int32)  # kernels take a real pointer even when unread
+        return Routes(0, tile_m, one, one, one.view(1, 1).expand(0, 3), [])
     past = idx[:, :, :n_slots]
     # global block of each token: the block holding it; the first block of its document is that minus local index
     tok_blk = torch.repeat_interleave(torch.arange(nb, device=device), layout.blk_len.long(), output_size=tokens)
@@ -45,7 +45,7 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     key = torch.where(valid, key, n_seg).flatten()
     key, order = torch.sort(key, stable=True)
     n_valid = int(torch.searchsorted(key, n_seg))
-    rows = (order[:n_valid] // n_slots).to(torch.int32)
+    rows = (order[:max(n_valid, 1)] // n_slots).to(torch.int32)  # at least one entry: a real pointer
     counts = torch.bincount(key[:n_valid], minlength=n_seg)
     seg_start = torch.zeros(n_seg + 1, device=device, dtype=torch.int64)
     torch.cumsum(counts, 0, out=seg_start[1:])

@@ -1,0 +1,8 @@
+"""Fused Triton MoBA backend: block means, gate + top-k, key-block-major attention, KV-major backward.
+
+Files: layout (block/tile tables), means, gate, routing (row lists per block), fwd, bwd, autograd (the op).
+"""
+
+from moba_train.ops.fused.autograd import moba_attn, moba_select
+
+__all__ = ["moba_attn", "moba_select"]

@@ -1,0 +1,62 @@
+"""The fused op as one autograd Function: gate (no gradient), routing, forward; KV-major backward."""
+
+import os
+
+import torch
+from torch import Tensor
+
+from moba_train.ops.fused.bwd import backward
+from moba_train.ops.fused.fwd import forward
+from moba_train.ops.fused.gate import select
+from moba_train.ops.fused.layout import build_layout, query_tile
+from moba_train.ops.fused.means import block_means
+from moba_train.ops.fused.routing import build_routes
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_supported(q: Tensor) -> None:
+    dim = q.shape[-1]
+    if dim & (dim - 1) or not 16 <= dim <= 256:
+        raise ValueError(f"triton MoBA backend supports head_dim a power of two in [16, 256], got {dim}")
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError("triton MoBA backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
+
+
+def selection(q: Tensor, k: Tensor, cu_seqlens: Tensor, block_size: int, top_k: int):
+    """Layout and canonical selection [T, Hq, top_k] of one call (no gradient)."""
+    layout = build_layout(cu_seqlens, block_size, query_tile(block_size, interpreting()), q.device)
+    return layout, select(q, block_means(k, layout), layout, top_k)
+
+
+class MobaAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_size, top_k, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        layout, idx = selection(q, k, cu_seqlens, block_size, top_k)
+        routes = build_routes(idx, layout, k.shape[1], 16 if interpreting() else 128)
+        out, lse = forward(q, k, v, layout, routes, scale, interpreting())
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.routes, ctx.scale = layout, routes, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.routes, ctx.scale,
+                              interpreting())
+        return dq, dk, dv, None, None, None, None
+
+
+def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int,
+              softmax_scale: float) -> Tensor:
+    check_supported(q)
+    return MobaAttn.apply(q, k, v, cu_seqlens, block_size, top_k, softmax_scale)
+
+
+@torch.no_grad()
+def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int) -> Tensor:
+    check_supported(q)
+    return selection(q.contiguous(), k.contiguous(), cu_seqlens, block_size, top_k)[1]
