@@ -1,0 +1,121 @@
+"""Gated decode: one new token per row routes over the cached blocks and attends only to the chosen ones.
+
+Block means of the cache are kept per layer and grow incrementally (a block that becomes complete adds one
+mean). The fast path needs a cache we can follow (DynamicCache layers), one query per row and rows whose real
+tokens are contiguous at the end of the cache (no padding or left padding: what generate() produces). Anything
+else goes to the exact general path in `cached.py`.
+"""
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from moba_train.hf.attend import attend
+from moba_train.hf.cache_state import cache_of, layer_keys, states_of
+from moba_train.hf.cached import cached_attention
+from moba_train.hf.routing import doc_block_means, pick_blocks, picked_table, score_blocks
+
+# Attend by gathering the selected tokens when the tokens all query heads select are fewer than this fraction of
+# the cache (as KV heads x length); else one masked pass over the whole cache reads less memory.
+GATHER_FRACTION = 0.25
+
+
+class LayerMeans:
+    """Means of the complete blocks of each row's document in one layer's cache."""
+
+    def __init__(self, starts: list[int], key: Tensor):
+        self.starts = starts  # cache slot of each row's first real token
+        self.count = [0] * len(starts)  # complete blocks whose means are stored, per row
+        self.means = key.new_zeros(key.shape[0], key.shape[1], 0, key.shape[3], dtype=torch.float32)
+        self.synced = None  # weak reference to the key tensor the state was last brought up to date with
+
+    def synced_keys(self) -> Tensor | None:
+        return None if self.synced is None else self.synced()
+
+    def extend(self, key: Tensor, own: list[int], block_size: int) -> None:
+        """Store the means of every block before each row's own block (complete by construction)."""
+        need = max(own)
+        if need > self.means.shape[2]:
+            grow = max(need, 2 * self.means.shape[2]) - self.means.shape[2]
+            self.means = torch.cat([self.means, self.means.new_zeros(*self.means.shape[:2], grow,
+                                                                     self.means.shape[3])], dim=2)
+        for b, (start, have, want) in enumerate(zip(self.starts, self.count, own)):
+            if want > have:
+                first = start + have * block_size
+                self.means[b, :, have:want] = doc_block_means(key[b, :, first:], want - have, block_size)
+                self.count[b] = want
+
+
+def left_aligned_starts(mask: Tensor | None, batch: int, length: int) -> list[int] | None:
+    """Each row's first real slot if every row's real tokens are one run ending at the last slot, else None."""
+    if mask is None:
+        return [0] * batch
+    starts = length - mask.sum(1)
+    expected = torch.arange(length, device=mask.device)[None, :] >= starts[:, None]
+    return starts.tolist() if bool((mask == expected).all()) else None
+
+
+_last_mask: dict = {"ref": None, "ok": True}
+
+
+def new_token_real(mask: Tensor | None) -> bool:
+    """Whether the newest slot is a real token in every row (checked once per forward: layers share the mask)."""
+    if mask is None:
+        return True
+    ref = _last_mask["ref"]
+    if ref is None or ref() is not mask:
+        _last_mask["ref"], _last_mask["ok"] = weakref.ref(mask), bool(mask[:, -1].all())
+    return _last_mask["ok"]
+
+
+def gated_step(query: Tensor, key: Tensor, value: Tensor, state: LayerMeans, block_size: int, top_k: int,
+               scale: float) -> Tensor:
+    """query [B, Hq, 1, D] at the last cache slot -> [B, Hq, 1, D]."""
+    batch, hq, _, dim = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    own = [(length - 1 - start) // block_size for start in state.starts]
+    state.extend(key, own, block_size)
+    device = key.device
+    own_t = torch.tensor(own, device=device)
+    starts = torch.tensor(state.starts, device=device)
+    idx = pick_blocks(score_blocks(query, state.means[:, :, : max(own)]), own_t[:, None, None], top_k)
+    idx = idx[:, :, 0]  # [B, Hq, k]
+    if hq * top_k * block_size <= GATHER_FRACTION * hkv * length:
+        slots = (starts[:, None, None] + idx.clamp(min=0) * block_size)[..., None] + torch.arange(block_size,
+                                                                                                  device=device)
+        valid = (idx >= 0)[..., None] & (slots < length)  # the own block ends at the newest token
+        slots = slots.clamp(max=length - 1).reshape(batch, hq, -1)
+        rows = torch.arange(batch, device=device)[:, None] * hkv + torch.arange(hq, device=device) // (hq // hkv)
+        flat = (rows[..., None] * length + slots).reshape(-1)
+        kg = key.reshape(-1, dim).index_select(0, flat).view(batch, hq, -1, dim)
+        vg = value.reshape(-1, dim).index_select(0, flat).view(batch, hq, -1, dim)
+        return attend(query, kg, vg, valid.reshape(batch, hq, 1, -1), scale)
+    slot = torch.arange(length, device=device)
+    key_block = ((slot[None, :] - starts[:, None]).clamp(min=0) // block_size).clamp(max=max(own))  # [B, L]
+    table = picked_table(idx, max(own) + 1)[..., :-1]  # [B, Hq, nb]
+    allowed = table.gather(-1, key_block[:, None, :].expand(batch, hq, length)) & (slot >= starts[:, None])[:, None]
+    return attend(query, key, value, allowed[:, :, None], scale)
+
+
+def decode(module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, block_size: int, top_k: int,
+           scale: float, full: bool) -> Tensor:
+    """Queries that extend a cache: query [B, Hq, Q, D], key/value [B, Hkv, L, D] -> [B, Hq, Q, D]."""
+    if full:
+        return cached_attention(query, key, value, mask, block_size, top_k, scale, full=True)
+    cache = cache_of(module)
+    layer = module.layer_idx
+    if cache is not None and query.shape[2] == 1 and layer_keys(cache, layer) is key and new_token_real(mask):
+        states = states_of(cache)
+        state = states.get(layer)
+        if state is None:
+            starts = left_aligned_starts(mask, key.shape[0], key.shape[2])
+            state = None if starts is None else LayerMeans(starts, key)
+        if state is not None:
+            out = gated_step(query, key, value, state, block_size, top_k, scale)
+            state.synced = weakref.ref(key)
+            states[layer] = state
+            return out
+    if cache is not None:
+        states_of(cache).pop(layer, None)
+    return cached_attention(query, key, value, mask, block_size, top_k, scale, full=False)
