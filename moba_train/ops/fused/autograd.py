@@ -13,8 +13,12 @@ from moba_train.ops.fused.means import block_means
 from moba_train.ops.fused.routing import build_routes
 
 
+# Triton decides at decoration time whether kernels are interpreted; record the same decision once
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET
 
 
 def check_supported(q: Tensor) -> None:

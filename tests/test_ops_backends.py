@@ -1,0 +1,83 @@
+"""Fast backends against the dense reference: outputs, dq, dk, dv and the gate's selection.
+
+On the CPU the Triton kernels run in Triton's interpreter. The interpreter is chosen when kernels are defined
+and it must stay switched on while they run, so the cases run in one child process with TRITON_INTERPRET=1
+(this file is its script): the rest of the test session never sees the variable. With a GPU present these
+cases are skipped; tests/gpu/ covers the backends there at real sizes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# (doc lengths, Hq, Hkv, head_dim, block_size, top_k): packed docs with short last blocks, GQA groups 1..4,
+# top_k from 1 (own block only) to >= blocks (full causal attention)
+CASES = [
+    ((70, 45, 33), 2, 1, 16, 16, 3),
+    ((100, 64), 4, 2, 32, 32, 2),
+    ((150,), 4, 4, 16, 16, 5),
+    ((37, 90), 8, 2, 16, 16, 8),
+    ((64, 60), 2, 2, 16, 16, 1),
+    ((81, 20, 49), 1, 1, 32, 32, 4),
+    ((128,), 4, 1, 16, 64, 2),
+    ((47, 75), 2, 2, 16, 16, 12),
+]
+FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the reference's largest entry
+
+
+def run_case(lengths, hq, hkv, dim, block_size, top_k, seed):
+    from moba_train.ops import moba_attn, moba_select
+    from moba_train.ops.gate import moba_select as reference_select
+
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, dim, generator=gen) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    weight = torch.randn(total, hq, dim, generator=gen)
+    result = {"select_equal": bool(torch.equal(moba_select(q, k, cu, max(lengths), block_size, top_k),
+                                               reference_select(q, k, cu, max(lengths), block_size, top_k)))}
+    outs = {}
+    for backend, dtype in (("triton", torch.float32), ("naive", torch.float64)):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend=backend)
+        outs[backend] = [out, *torch.autograd.grad(out, leaves, weight.to(dtype))]
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), outs["triton"], outs["naive"]):
+        result[name] = float((got.double() - ref).abs().max() / ref.abs().max())
+    return result
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if torch.cuda.is_available():
+        pytest.skip("interpreter cases run on CPU-only machines; tests/gpu covers the GPU")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
+def test_triton_matches_naive(interpreted, case):
+    res = interpreted[case]
+    assert res["select_equal"], "fused gate selected different blocks from the reference"
+    for name in ("out", "dq", "dk", "dv"):
+        assert res[name] < FP32_TOL, (name, res)
+
+
+def test_varlen_needs_cuda():
+    from moba_train.ops import moba_attn
+
+    q = torch.randn(8, 1, 16)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        moba_attn(q, q, q, torch.tensor([0, 8], dtype=torch.int32), 8, 4, 2, backend="varlen")
+
+
+if __name__ == "__main__":  # the child process: every case, one JSON list on the last line
+    print(json.dumps([run_case(*case, seed=i) for i, case in enumerate(CASES)]))
