@@ -82,13 +82,11 @@ def validate(cfg: Config) -> None:
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.name == "synthetic":
-        _require(d.num_pairs <= d.num_keys, f"data.num_pairs={d.num_pairs} must be <= data.num_keys={d.num_keys}")
-        _require(d.num_queries <= d.num_pairs,
-                 f"data.num_queries={d.num_queries} must be <= data.num_pairs={d.num_pairs}")
-        _require(d.num_keys + d.num_values <= 200,
-                 f"data.num_keys + data.num_values must be <= 200 (byte vocabulary), got {d.num_keys + d.num_values}")
-        _require(d.seq_len >= 6 * d.num_pairs + 3 * d.num_queries,
-                 f"data.seq_len={d.seq_len} is too short for {d.num_pairs} pairs and {d.num_queries} queries")
+        _require(d.num_needles <= 32 and d.num_needles * d.needle_values <= 192,
+                 f"data.num_needles={d.num_needles} x data.needle_values={d.needle_values} must fit the byte "
+                 f"vocabulary (<= 32 groups, <= 192 symbols)")
+        _require(d.seq_len >= 8 * d.num_needles,
+                 f"data.seq_len={d.seq_len} is too short for data.num_needles={d.num_needles}")
     elif d.name in ("megatron", "sft"):
         _require(bool(d.path), f"data.path is required for data.name={d.name} (give data.path=...)")
 

@@ -1,5 +1,16 @@
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class SFTDataConfig:
+    """SFT chat data (see moba_train/data/sft.py)."""
+
+    tokenizer: str = "byte"  # byte (built-in template, 260-token vocab) | path to a local HF tokenizer dir
+    overlength: str = "drop"  # conversations longer than data.seq_len: drop | truncate
+    pack: bool = True  # several conversations per row, separated by cu_seqlens
+    shuffle: bool = True  # conversation order before packing (seeded by train.seed)
+    num_synthetic: int = 512  # conversations of data.path=builtin:long_qa
 
 
 @dataclass
@@ -8,8 +19,10 @@ class DataConfig:
     seq_len: int = 2048  # tokens per sequence fed to the model
     batch_size: int = 4  # sequences per micro-batch per data-parallel rank
     path: Optional[str] = None  # dataset path / prefix (megatron, sft)
-    # synthetic key-value retrieval task (see moba_train/data/synthetic.py)
-    num_pairs: int = 32
-    num_keys: int = 64
-    num_values: int = 64
-    num_queries: int = 32
+    # synthetic needle-retrieval task (see moba_train/data/synthetic.py)
+    num_needles: int = 16  # groups, one hidden needle each, all asked at the end
+    needle_values: int = 12  # values per group: chance loss is ln(needle_values)
+    # staged sequence lengths: [{at: 0.0, seq_len: 32768}, ...] by fraction of train.steps; each divides seq_len
+    # (see moba_train/train/seq_stages.py)
+    seq_len_schedule: list[dict[str, Any]] = field(default_factory=list)
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)

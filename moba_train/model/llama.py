@@ -125,12 +125,13 @@ class Llama(nn.Module):
 
     def loss(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Summed cross entropy over real tokens, chunked and recomputed so full logits are never stored."""
-        total = h.new_zeros((), dtype=torch.float32)
+        total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
         for start in range(0, h.shape[0], LOSS_CHUNK):
             chunk, target = h[start:start + LOSS_CHUNK], labels[start:start + LOSS_CHUNK]
             total = total + torch.utils.checkpoint.checkpoint(self._chunk_loss, chunk, target, use_reentrant=False)
         return total, (labels != IGNORE_INDEX).sum()
 
     def _chunk_loss(self, h: Tensor, labels: Tensor) -> Tensor:
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
