@@ -34,9 +34,45 @@ def ours_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst} (LlamaForCausalLM)" + (f", copied {', '.join(copied)}" if copied else ""))
 
 
+def find_run_config(path: str) -> str:
+    """The Hydra config of the run that wrote a DCP checkpoint: <run>/.hydra/config.yaml above it."""
+    here = os.path.abspath(path)
+    for _ in range(4):
+        candidate = os.path.join(here, ".hydra", "config.yaml")
+        if os.path.isfile(candidate):
+            return candidate
+        here = os.path.dirname(here)
+    raise UserError(f"{path}: a DCP checkpoint carries no model config and no .hydra/config.yaml was found above "
+                    "it; give --config <run>/.hydra/config.yaml")
+
+
+def model_config_from_run(config_path: str):
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from moba_train.model import ModelConfig
+
+    if not os.path.isfile(config_path):
+        raise UserError(f"{config_path}: no such config file (--config)")
+    model = OmegaConf.to_container(OmegaConf.load(config_path)).get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{config_path}: no 'model:' section")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise UserError(f"{config_path}: unknown model keys {unknown}")
+    return ModelConfig(**model)
+
+
 def load_ours(path: str, dtype, config_path):
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):  # a DCP checkpoint
-        raise UserError(f"{path}: DCP checkpoints are not supported yet; export a consolidated checkpoint first")
+    if os.path.isdir(path) and pretrained.is_dcp_dir(path):  # a trainer checkpoint
+        from moba_train.model import AttentionConfig
+        from moba_train.model.dcp_import import load_dcp_model
+
+        cfg = model_config_from_run(config_path or find_run_config(path))
+        cfg.init_from = None
+        return load_dcp_model(path, cfg, AttentionConfig(kind="full"), "cpu")
     if pretrained.checkpoint_kind(path) != "ours":
         raise UserError(f"{os.path.join(path, hf.CONFIG_FILE)}: this is a HF checkpoint already; "
                         "use hf-to-ours to import it")

@@ -89,3 +89,81 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
     return copied
+
+
+# Fields that describe the architecture: with `model.init_from` they come from the checkpoint.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
+
+
+def config_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The `model.*` values a run sets on top of an `init_from` checkpoint: those that differ from the schema
+    defaults (`configs/model/from_init.yaml` sets none, so everything comes from the checkpoint)."""
+    default = ModelConfig()
+    return {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ModelConfig)
+            if f.name != "init_from" and getattr(model_cfg, f.name) != getattr(default, f.name)}
+
+
+def _check_shapes(ckpt_cfg: ModelConfig, overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    for key in SHAPE_FIELDS:
+        if key in overrides and overrides[key] != getattr(ckpt_cfg, key):
+            raise CheckpointError(f"{where}: the checkpoint has {key}={getattr(ckpt_cfg, key)} but the config sets "
+                                  f"model.{key}={overrides[key]}; drop the override (use model=from_init)")
+    return {k: v for k, v in overrides.items() if k not in SHAPE_FIELDS}
+
+
+def is_dcp_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint dir itself, or the newest DCP checkpoint inside a run dir (largest step number)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory (model.init_from)")
+    if is_dcp_dir(path) or os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
+        return path
+    found = []
+    for root, dirs, _ in os.walk(path):
+        depth = root[len(path):].count(os.sep)
+        if is_dcp_dir(root):
+            digits = "".join(c if c.isdigit() else " " for c in os.path.basename(root)).split()
+            found.append((int(digits[-1]) if digits else -1, root))
+            dirs[:] = []
+        elif depth >= 2:
+            dirs[:] = []
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoint in this directory (expected config.json + safetensors, "
+                              "a DCP checkpoint, or a run dir holding DCP checkpoints)")
+    return max(found)[1]
+
+
+def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The architecture a run trains: `model.*` itself, or with `model.init_from` the checkpoint's config with
+    the run's overrides (non-default `model.*` values) on top. DCP checkpoints carry no config: `model.*` is it."""
+    if not model_cfg.init_from:
+        return model_cfg
+    path = find_checkpoint(model_cfg.init_from)
+    if is_dcp_dir(path):
+        return dataclasses.replace(model_cfg, init_from=path)
+    config_path = os.path.join(path, hf.CONFIG_FILE)
+    if checkpoint_kind(path) == "hf":
+        ckpt_cfg = hf.config_from_hf(hf.read_json(config_path), where=config_path)
+    else:
+        ckpt_cfg = read_config(path)
+    overrides = _check_shapes(ckpt_cfg, config_overrides(model_cfg), config_path)
+    return dataclasses.replace(ckpt_cfg, **overrides, init_from=path)
+
+
+def init_model(model_cfg: ModelConfig, attn_cfg: AttentionConfig, device: Union[str, torch.device]) -> Llama:
+    """The model a run starts from: random (no `init_from`), or loaded from `model.init_from` (HF dir,
+    consolidated moba-train dir, trainer DCP checkpoint or run dir; see resolve_model_config)."""
+    if not model_cfg.init_from:
+        with torch.device(device):
+            return Llama(model_cfg, attn_cfg)
+    cfg = resolve_model_config(model_cfg)
+    if is_dcp_dir(cfg.init_from):
+        from moba_train.model.dcp_import import load_dcp_model
+
+        return load_dcp_model(cfg.init_from, cfg, attn_cfg, device)
+    keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+            if f.name not in SHAPE_FIELDS and f.name != "init_from"}
+    return load_pretrained(cfg.init_from, attn_cfg, dtype="float32", device=device, **keep)

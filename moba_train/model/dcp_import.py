@@ -1,0 +1,67 @@
+"""Model weights out of a trainer DCP checkpoint dir (torch.distributed.checkpoint), on one process.
+
+The checkpoint may hold other state (optimizer, loader, ...): only the model's tensors are read, found by
+their names (ours, possibly under a prefix such as `model.`). The architecture comes from the config.
+"""
+
+import warnings
+from typing import Union
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from moba_train.model.config import AttentionConfig, ModelConfig
+from moba_train.model.hf import CheckpointError, reset_rope
+from moba_train.model.llama import Llama
+
+ANCHOR = "embed_tokens.weight"
+
+
+def model_prefix(names: list[str], path: str) -> str:
+    """The prefix under which the model's parameters are stored ('' or e.g. 'model.')."""
+    hits = sorted((n[: -len(ANCHOR)] for n in names if n.endswith(ANCHOR)), key=len)
+    if not hits:
+        raise CheckpointError(f"{path}/.metadata: no model weights ({ANCHOR}) in this DCP checkpoint")
+    return hits[0]
+
+
+def load_dcp_model(path: str, model_cfg: ModelConfig, attn_cfg: AttentionConfig,
+                   device: Union[str, torch.device] = "cpu") -> Llama:
+    try:
+        meta = FileSystemReader(path).read_metadata()
+    except Exception as e:  # a torn or foreign dir
+        raise CheckpointError(f"{path}/.metadata: cannot read DCP metadata ({type(e).__name__}: {e})") from None
+    stored = {k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    prefix = model_prefix(list(stored), path)
+    with torch.device("meta"):
+        model = Llama(model_cfg, attn_cfg)
+    model = model.to_empty(device="cpu")
+    if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    missing = [n for n in params if prefix + n not in stored]
+    if missing:
+        raise CheckpointError(f"{path}: DCP checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]} "
+                              f"(does model.* match the run that wrote it?)")
+    ours = [n[len(prefix):] for n in stored if n.startswith(prefix)]
+    extra = sorted(n for n in ours if n.startswith(("layers.", "norm.")) and n not in params)
+    if extra:
+        raise CheckpointError(f"{path}: DCP checkpoint has model tensors the config lacks, e.g. {extra[:3]} "
+                              f"(model.n_layers={model_cfg.n_layers})")
+    for n, p in params.items():
+        shape = tuple(stored[prefix + n].size)
+        if shape != tuple(p.shape):
+            raise CheckpointError(f"{path}: tensor {prefix + n!r} has shape {list(shape)} but the config gives "
+                                  f"{list(p.shape)}")
+    state = {prefix + n: p.detach() for n, p in params.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    model = model.to(device)
+    if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    reset_rope(model)
+    model.cfg.init_from = path
+    return model

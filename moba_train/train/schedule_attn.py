@@ -1,0 +1,114 @@
+"""Staged attention: switch layers between MoBA and full attention at fractions of `train.steps`.
+
+    attention:
+      kind: moba
+      schedule:                       # the MoBA paper's recipe: MoBA for 90% of training, full for the rest
+        - {at: 0.9, kind: full}
+
+A stage starts at step round(at * train.steps) (0-based: the first step it trains) and sets any of `kind`,
+`full_attn_last_k`, `layers`; fields it leaves out come from the base `attention` config (stages do not
+accumulate). Before the first stage the base config holds. Examples:
+    - {at: 0.0, kind: full}, {at: 0.1, kind: moba}     full-attention warm-up, then MoBA
+    - {at: 0.5, full_attn_last_k: 3}                   hybrid for the second half
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from moba_train.errors import ConfigError
+from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, layer_kinds
+
+STAGE_KEYS = ("at", "kind", "full_attn_last_k", "layers")
+
+
+def validate_schedule(attn: AttentionConfig, n_layers: int) -> None:
+    last = -1.0
+    for i, stage in enumerate(attn.schedule):
+        key = f"attention.schedule[{i}]"
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown:
+            raise ConfigError(f"{key} has unknown keys {unknown}; allowed: {STAGE_KEYS}")
+        if "at" not in stage or not 0.0 <= float(stage["at"]) <= 1.0:
+            raise ConfigError(f"{key}.at must be a step fraction in [0, 1]")
+        if float(stage["at"]) < last:
+            raise ConfigError(f"{key}.at={stage['at']} comes before the previous stage's at={last}")
+        last = float(stage["at"])
+        if "kind" in stage and stage["kind"] not in ATTENTION_KINDS:
+            raise ConfigError(f"{key}.kind={stage['kind']!r} is not one of {ATTENTION_KINDS}")
+        if "full_attn_last_k" in stage and not 0 <= int(stage["full_attn_last_k"]) <= n_layers:
+            raise ConfigError(f"{key}.full_attn_last_k={stage['full_attn_last_k']} must be in [0, {n_layers}]")
+        if stage.get("layers") is not None:
+            layers = list(stage["layers"])
+            if len(layers) != n_layers or any(k not in ATTENTION_KINDS for k in layers):
+                raise ConfigError(f"{key}.layers must list {n_layers} kinds from {ATTENTION_KINDS}, got {layers}")
+
+
+def stage_config(attn: AttentionConfig, stage: dict[str, Any]) -> AttentionConfig:
+    fields = {k: stage[k] for k in ("kind", "full_attn_last_k", "layers") if k in stage}
+    if "layers" in fields and fields["layers"] is not None:
+        fields["layers"] = list(fields["layers"])
+    elif "kind" in stage or "full_attn_last_k" in stage:
+        fields.setdefault("layers", None)  # a stage that names kinds replaces an explicit base list
+    return dataclasses.replace(attn, schedule=[], **fields)
+
+
+class AttentionSchedule:
+    """Per-layer attention kinds as a function of the step; `apply` switches a model when they change."""
+
+    def __init__(self, attn: AttentionConfig, n_layers: int, total_steps: int):
+        validate_schedule(attn, n_layers)
+        self.n_layers = n_layers
+        base = layer_kinds(attn, n_layers)
+        # (first step, kinds), ascending; the base config holds from step 0
+        self.stages: list[tuple[int, list[str]]] = [(0, base)]
+        for stage in attn.schedule:
+            start = int(round(float(stage["at"]) * total_steps))
+            self.stages.append((start, layer_kinds(stage_config(attn, stage), n_layers)))
+
+    @property
+    def switch_steps(self) -> list[int]:
+        return [start for start, _ in self.stages[1:]]
+
+    def kinds_at(self, step: int) -> list[str]:
+        """The kinds used to train step `step` (0-based)."""
+        kinds = self.stages[0][1]
+        for start, stage_kinds in self.stages:
+            if step >= start:
+                kinds = stage_kinds
+        return list(kinds)
+
+    def apply(self, model: nn.Module, step: int) -> Optional[list[str]]:
+        """Set the kinds for step `step` on `model` (a Llama, possibly wrapped); returns them if they changed."""
+        llama = unwrap(model)
+        kinds = self.kinds_at(step)
+        if llama.attention_kinds() == kinds:
+            return None
+        llama.set_attention_kinds(kinds)
+        return kinds
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that owns `set_attention_kinds` (through torch.compile's `_orig_mod` or a `.module`)."""
+    seen = model
+    for _ in range(4):
+        if hasattr(seen, "set_attention_kinds"):
+            return seen
+        seen = getattr(seen, "_orig_mod", None) or getattr(seen, "module", None)
+        if seen is None:
+            break
+    raise TypeError(f"{type(model).__name__} has no set_attention_kinds (not a moba_train Llama)")
+
+
+def describe(kinds: list[str]) -> str:
+    """'moba x5, full x3' style summary for logs."""
+    parts, prev, count = [], None, 0
+    for k in kinds + [None]:
+        if k == prev:
+            count += 1
+            continue
+        if prev is not None:
+            parts.append(f"{prev} x{count}")
+        prev, count = k, 1
+    return ", ".join(parts)
