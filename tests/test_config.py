@@ -1,0 +1,55 @@
+"""Config tree: recipes compose, and bad values fail with one line naming the key."""
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moba_train.config import register_configs, to_config
+from moba_train.errors import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+register_configs()
+
+
+def load(*overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_recipes_compose():
+    tiny = load("+exp=tiny")
+    assert tiny.attention.kind == "moba" and tiny.model.dim == 128 and tiny.model.n_kv_heads % 4 == 0
+    big = load("+exp=moba_128k", "data.path=/data/x")
+    assert (big.data.seq_len, big.attention.block_size, big.attention.top_k) == (131072, 4096, 12)
+    assert big.model.n_layers == 16 and big.model.dim == 2048
+    hybrid = load("+exp=tiny", "attention.full_attn_last_k=1")
+    assert hybrid.attention.full_attn_last_k == 1
+
+
+@pytest.mark.parametrize("override,match", [
+    ("attention.top_k=0", "attention.top_k=0 must be >= 1"),
+    ("attention.block_size=24", "attention.block_size=24 must be a positive multiple of 16"),
+    ("attention.kind=sparse", "attention.kind='sparse' is not one of"),
+    ("attention.backend=cuda", "attention.backend='cuda' is not one of"),
+    ("model.n_kv_heads=3", "model.n_heads=4 must be a multiple of model.n_kv_heads=3"),
+    ("model.n_heads=3", "model.dim=128 must be divisible by model.n_heads=3"),
+    ("train.device=tpu", "train.device='tpu' is not one of"),
+    ("attention.full_attn_last_k=9", "attention.full_attn_last_k=9 must be in"),
+    ("attention.layers=[moba]", "attention.layers has 1 entries"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[")):
+        load("+exp=tiny", override)
+
+
+def test_megatron_data_needs_a_path():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load("+exp=moba_128k")
+
+
+def test_unknown_key_is_rejected():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        load("+exp=tiny", "attention.topk=3")

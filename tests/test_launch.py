@@ -1,0 +1,42 @@
+"""The Hydra entry point end to end, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["+exp=tiny", "data.seq_len=256", "data.batch_size=2", "data.num_needles=4", "attention.block_size=32",
+         "attention.top_k=2", "train.device=cpu"]
+
+
+def launch(*args, script="launch/pretrain.py"):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_run_writes_metrics(tmp_path):
+    run = launch(*SMALL, "train.steps=4", "train.log_every=2", f"train.out_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(r)
+        assert r["loss"] > 0 and r["tokens_per_s"] > 0
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    run = launch(*SMALL, "attention.top_k=0", f"train.out_dir={tmp_path}")
+    assert run.returncode == 2
+    assert run.stderr.strip() == "error: attention.top_k=0 must be >= 1"
+    run = launch("+exp=moba_128k", "data.path=/nonexistent/prefix", "train.device=cuda",
+                 f"train.out_dir={tmp_path}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    import torch
+
+    expected = "no CUDA GPU" if not torch.cuda.is_available() else "/nonexistent/prefix"
+    assert expected in run.stderr
+
+
+def test_unknown_key_fails_without_traceback(tmp_path):
+    run = launch(*SMALL, "attention.topk=3", f"train.out_dir={tmp_path}")
+    assert run.returncode != 0 and "topk" in run.stderr and "Traceback" not in run.stderr
