@@ -1,0 +1,36 @@
+"""What the trainer asks each step of staged training: which attention each layer uses (attention.schedule)
+and how long the sequences are (data.seq_len_schedule). Changes are logged with the step they start at."""
+
+import logging
+
+import torch.nn as nn
+from torch import Tensor
+
+from moba_train.train.schedule_attn import AttentionSchedule, describe
+from moba_train.train.seq_stages import SeqLenSchedule
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStages:
+    def __init__(self, cfg, is_main: bool = True):
+        steps = cfg.train.steps
+        self.attention = AttentionSchedule(cfg.attention, cfg.model.n_layers, steps)
+        self.seq_len = SeqLenSchedule(cfg.data.seq_len_schedule, cfg.data.seq_len, steps)
+        self.is_main = is_main
+        self._seq_len = None  # None until the first step
+
+    def begin_step(self, model: nn.Module, step: int) -> None:
+        """Call before training step `step` (0-based), also the first one after a resume."""
+        first = self._seq_len is None
+        changed = self.attention.apply(model, step)
+        seq_len = self.seq_len.seq_len_at(step)
+        if self.is_main and (first or changed):
+            log.info("step %d: attention %s", step, describe(self.attention.kinds_at(step)))
+        if self.is_main and seq_len != self._seq_len:
+            log.info("step %d: seq_len %d", step, seq_len)
+        self._seq_len = seq_len
+
+    def shape_batch(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The loader's batch cut to this step's sequence length (before it is sharded over cp)."""
+        return self.seq_len.reshape(batch, step)
