@@ -201,3 +201,46 @@ def test_unsupported_masks_are_refused():
     x = ids(1, 8)
     with pytest.raises(ValueError, match="4D"):
         hf(x, attention_mask=torch.ones(8, 8, dtype=torch.bool).tril()[None, None])
+
+
+def load_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "hf_generate.py"
+    spec = importlib.util.spec_from_file_location("hf_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_model(path, script, context=512):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set((script.FILLER + script.NEEDLE + script.QUESTION).split()))
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(path)
+    model = hf_model("sdpa")
+    model.config.max_position_embeddings = context
+    model.save_pretrained(path)
+
+
+def test_hf_generate_script(tmp_path, capsys):
+    from transformers import BertConfig
+
+    script = load_script()
+    save_tiny_model(tmp_path / "llama", script)
+    common = ["--max-new-tokens", "5", "--prompt-tokens", "70", "--block-size", "8", "--top-k", "2", "--device", "cpu"]
+    moba = script.main(["--model", str(tmp_path / "llama"), "--attn", "moba", *common])
+    assert moba["prompt_tokens"] == 70 and moba["new_tokens"] == 5 and "prefill" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no model at"):
+        script.main(["--model", str(tmp_path / "missing"), *common])
+    BertConfig().save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit, match="non-causal"):
+        script.main(["--model", str(tmp_path / "bert"), *common])
+    with pytest.raises(SystemExit, match="exceed the model's context"):
+        script.main(["--model", str(tmp_path / "llama"), *common[:2], "--prompt-tokens", "600", *common[4:]])

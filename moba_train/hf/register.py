@@ -11,7 +11,6 @@ A model config may override the registered settings with attributes `moba_block_
 
 from dataclasses import dataclass, replace
 
-import torch
 from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
 
@@ -85,7 +84,7 @@ def _check_mask(mask, batch: int, length: int) -> Tensor | None:
 def moba_attention(name: str, module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                    scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
     """HF attention function: query [B, Hq, Q, D], key/value [B, Hkv, L, D] (cache included) -> [B, Q, Hq, D]."""
-    if kwargs.get("is_causal") is False:
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("moba: MoBA is causal attention; bidirectional use (is_causal=False) is not supported")
     settings = settings_for(module, name)
     watch(module)
