@@ -39,6 +39,10 @@ def register_configs() -> None:
 def to_config(cfg: DictConfig | Config) -> Config:
     """Hydra's DictConfig -> typed Config dataclasses (validated)."""
     config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    if config.model.init_from:  # the architecture of the checkpoint, with the run's model.* overrides
+        from moba_train.model.pretrained import resolve_model_config
+
+        config.model = resolve_model_config(config.model)
     validate(config)
     return config
 
@@ -101,3 +105,12 @@ def validate(cfg: Config) -> None:
     for key in ("cp", "dp_replicate"):
         _require(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 or >= 1")
+    if p.cp > 1:  # context-parallel layout (see moba_train/parallel/cp.py)
+        chunks = 2 * p.cp if p.cp_mode == "allgather" else p.cp
+        _require(d.seq_len % chunks == 0,
+                 f"data.seq_len={d.seq_len} must be divisible by {chunks} for parallel.cp={p.cp} with "
+                 f"parallel.cp_mode={p.cp_mode}" + (" (zigzag: 2 x cp chunks)" if p.cp_mode == "allgather" else ""))
+        if p.cp_mode == "ulysses":
+            _require(m.n_kv_heads % p.cp == 0,
+                     f"model.n_kv_heads={m.n_kv_heads} must be divisible by parallel.cp={p.cp} for "
+                     f"parallel.cp_mode=ulysses (heads are split over the cp ranks)")

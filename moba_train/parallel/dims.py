@@ -45,6 +45,22 @@ class ParallelDims:
         return None if self.mesh is None or self.cp == 1 else self.mesh["cp"].get_group()
 
     @property
+    def fsdp_mesh(self) -> Optional[DeviceMesh]:
+        """Parameters are sharded over dp_shard x cp (cp ranks hold the same weights) and replicated over
+        dp_replicate (HSDP); None in a single process."""
+        if self.mesh is None:
+            return None
+        if self.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+        return self.mesh["dp_shard_cp"]
+
+    @property
+    def grad_scale(self) -> int:
+        """Multiply the loss by this before backward: FSDP2 averages gradients over its mesh (all ranks), we
+        want their sum (each rank's loss is already divided by the global token count)."""
+        return self.world_size if self.mesh is not None else 1
+
+    @property
     def loss_group(self):
         """Ranks over which loss and metrics are reduced: dp x cp (the whole world)."""
         return None if self.mesh is None else dist.group.WORLD
@@ -77,4 +93,5 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     dims.mesh = init_device_mesh(device.type, (dp_replicate, dp_shard, cp),
                                  mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
     dims.mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+    dims.mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
     return dims

@@ -15,9 +15,13 @@ from moba_train.config import Config
 from moba_train.data import Loader, build_dataset
 from moba_train.errors import ConfigError
 from moba_train.model import Llama
-from moba_train.parallel import ParallelDims, init_parallel, parallelize
+from moba_train.model.pretrained import init_model
+from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
 from moba_train.train.metrics import MetricsLogger
 from moba_train.train.optim import build_optimizer, build_scheduler
+from moba_train.train.checkpoint import Checkpointer
+from moba_train.train.signals import StopFlag
+from moba_train.train.stages import TrainingStages
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,8 +37,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(cfg: Config, device: torch.device) -> Llama:
-    with torch.device(device):
-        return Llama(cfg.model, cfg.attention)
+    return init_model(cfg.model, cfg.attention, device)  # random, or the weights of model.init_from
 
 
 class Trainer:
@@ -46,11 +49,18 @@ class Trainer:
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)
         self.model = parallelize(build_model(cfg, self.device), cfg, self.dims)
+        self.stages = TrainingStages(cfg, self.dims.is_main)  # attention.schedule, data.seq_len_schedule
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.loader = Loader(build_dataset(cfg.data, cfg.train.seed), cfg.data.batch_size, self.dims.dp_rank,
-                             self.dims.dp)
+        global_batch = cfg.data.batch_size * self.dims.dp * cfg.train.grad_accum
+        dataset = build_dataset(cfg.data, cfg.train.seed, num_samples=cfg.train.steps * global_batch,
+                                vocab_size=cfg.model.vocab_size)
+        self.loader = Loader(dataset, cfg.data.batch_size, self.dims.dp_rank, self.dims.dp)
         self.step = 0
+        self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
+                         "seq_len": cfg.data.seq_len, "steps": cfg.train.steps}
+        self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
+        self.checkpointer.resume(self, cfg.train.out_dir, self.run_info)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
@@ -60,8 +70,10 @@ class Trainer:
         return t
 
     def train_step(self) -> dict:
-        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        batches = [self.stages.shape_batch(self.loader.next_batch(), self.step)
+                   for _ in range(self.cfg.train.grad_accum)]
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        batches = [shard_micro_batch(b, self.dims) for b in batches]  # cp: this rank's part of the sequence
         local_tokens = sum((b["labels"] != -100).sum() for b in batches)
         global_tokens = self._all_reduce(local_tokens.float()).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
@@ -71,12 +83,12 @@ class Trainer:
                                      labels=batch["labels"])
             (loss / global_tokens).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)  # full norm (FSDP shards)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._all_reduce(loss_sum) / global_tokens
-        tokens = sum(b["input_ids"].numel() for b in batches) * self.dims.dp
+        tokens = sum(b["input_ids"].numel() for b in batches) * self.dims.dp * self.dims.cp
         return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
 
     def train(self) -> None:
@@ -85,9 +97,11 @@ class Trainer:
                                run_config=asdict(self.cfg))
         self.model.train()
         tick, tokens = time.perf_counter(), 0
+        stop = StopFlag().install()
         try:
             while self.step < cfg.steps:
                 lr = self.optimizer.param_groups[0]["lr"]
+                self.stages.begin_step(self.model, self.step)
                 out = self.train_step()
                 self.step += 1
                 tokens += out["tokens"]
@@ -98,5 +112,12 @@ class Trainer:
                                            "grad_norm": float(out["grad_norm"]),
                                            "tokens_per_s": tokens / elapsed})
                     tick, tokens = time.perf_counter(), 0
+                stopping = stop.agreed()
+                if self.checkpointer.due(self.step, final=stopping or self.step == cfg.steps):
+                    self.checkpointer.save(self, self.run_info)
+                if stopping:
+                    break
+            self.checkpointer.wait()
         finally:
+            stop.uninstall()
             logger.close()
