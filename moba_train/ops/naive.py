@@ -1,32 +1,43 @@
-"""Dense masked MoBA: the reference every other backend is checked against. Quadratic per document."""
+"""Dense masked MoBA: the reference every other backend is checked against.
+
+Quadratic per document, but processed in query chunks that only see keys up to the chunk's end, so neither
+the [H, L, L] mask nor the scores exist at once and the causal upper triangle is never computed.
+"""
 
 import torch
 from torch import Tensor
 
 from moba_train.ops.gate import doc_spans, select_doc
 
+QUERY_CHUNK = 512
 
-def selection_mask(idx: Tensor, block_size: int) -> Tensor:
-    """[L, H, top_k] selected blocks -> [H, L, L] bool mask of allowed (query, key) pairs, causal."""
+
+def allowed_keys(idx: Tensor, block_size: int, start: int, end: int) -> Tensor:
+    """[H, end - start, end] bool: may query start..end-1 see key j? (selected block and causal)."""
     length, heads, _ = idx.shape
     n_blocks = -(-length // block_size)
-    picked = torch.zeros(length, heads, n_blocks + 1, dtype=torch.bool, device=idx.device)
-    picked.scatter_(2, torch.where(idx < 0, n_blocks, idx.long()), True)  # -1 lands in a spare column
-    key_block = torch.arange(length, device=idx.device) // block_size
-    mask = picked[:, :, key_block].permute(1, 0, 2)  # [H, Lq, Lk]
-    causal = torch.ones(length, length, dtype=torch.bool, device=idx.device).tril()
+    rows = idx[start:end].long()
+    picked = torch.zeros(end - start, heads, n_blocks + 1, dtype=torch.bool, device=idx.device)
+    picked.scatter_(2, torch.where(rows < 0, n_blocks, rows), True)  # -1 lands in a spare column
+    key_block = torch.arange(end, device=idx.device) // block_size
+    mask = picked[:, :, key_block].permute(1, 0, 2)
+    causal = torch.arange(end, device=idx.device)[None, :] <= torch.arange(start, end, device=idx.device)[:, None]
     return mask & causal
 
 
-def attend_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Softmax attention (fp32 or wider) of one document under an [Hq, L, L] mask; K/V heads shared by GQA."""
+def attend_selected(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float) -> Tensor:
+    """Softmax attention (fp32 or wider) of one document over its selected blocks; K/V heads shared by GQA."""
     group = q.shape[1] // k.shape[1]
     wide = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = (x.to(wide).transpose(0, 1) for x in (q, k, v))  # [H, L, D]
     kf, vf = kf.repeat_interleave(group, 0), vf.repeat_interleave(group, 0)
-    scores = (qf @ kf.transpose(1, 2)) * scale
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (probs @ vf).transpose(0, 1).to(q.dtype)
+    outs = []
+    for start in range(0, q.shape[0], QUERY_CHUNK):
+        end = min(q.shape[0], start + QUERY_CHUNK)
+        scores = (qf[:, start:end] @ kf[:, :end].transpose(1, 2)) * scale
+        scores = scores.masked_fill(~allowed_keys(idx, block_size, start, end), float("-inf"))
+        outs.append(scores.softmax(-1) @ vf[:, :end])
+    return torch.cat(outs, 1).transpose(0, 1).to(q.dtype)
 
 
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int,
@@ -34,6 +45,5 @@ def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     outs = []
     for start, end in doc_spans(cu_seqlens):
         qd, kd, vd = q[start:end], k[start:end], v[start:end]
-        mask = selection_mask(select_doc(qd, kd, block_size, top_k), block_size)
-        outs.append(attend_masked(qd, kd, vd, mask, softmax_scale))
+        outs.append(attend_selected(qd, kd, vd, select_doc(qd, kd, block_size, top_k), block_size, softmax_scale))
     return torch.cat(outs)
