@@ -1,9 +1,19 @@
+from typing import Optional
+
 from moba_train.data.config import DataConfig
 from moba_train.data.loader import Loader, collate
 
 
-def build_dataset(cfg: DataConfig, seed: int):
-    """The dataset named by data.name: an indexable of {input_ids, labels[, doc_lens, positions]}."""
+def build_dataset(cfg: DataConfig, seed: int, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
+    """The dataset named by data.name: an indexable of {input_ids, labels[, doc_lens, positions]}.
+
+    num_samples: global samples the run will draw (steps x global batch); finite datasets (megatron) build
+    their sample index for that many. vocab_size: the model's, checked against the data's tokenizer.
+    """
+    if cfg.name == "megatron":
+        from moba_train.data.megatron import MegatronData
+
+        return MegatronData(cfg, seed, num_samples, vocab_size)
     if cfg.name == "synthetic":
         from moba_train.data.synthetic import NeedleRetrieval
 

@@ -14,6 +14,17 @@ class SFTDataConfig:
 
 
 @dataclass
+class MegatronDataConfig:
+    """Megatron indexed datasets (see moba_train/data/megatron.py); data.path holds the prefix or blend."""
+
+    tokenizer: str = "byte"  # the one the data was prepared with: byte | path to a local HF tokenizer dir
+    split: str = "100,0,0"  # train,valid,test document fractions (megatron-core); training reads train
+    eod_mask_loss: bool = False  # no loss on targets after an end-of-document token
+    cache_dir: Optional[str] = None  # sample-index cache; default <dir of the first prefix>/index_cache
+    mid_level_surplus: float = 0.005  # extra samples built per blended prefix (megatron-core)
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"  # synthetic | megatron | sft
     seq_len: int = 2048  # tokens per sequence fed to the model
@@ -26,3 +37,5 @@ class DataConfig:
     # (see moba_train/train/seq_stages.py)
     seq_len_schedule: list[dict[str, Any]] = field(default_factory=list)
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    reset_at_eod: bool = False  # megatron: documents -> cu_seqlens (no attention across them), positions restart
+    megatron: MegatronDataConfig = field(default_factory=MegatronDataConfig)

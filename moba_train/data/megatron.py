@@ -1,0 +1,177 @@
+"""Megatron indexed datasets (`.bin`/`.idx`, e.g. from scripts/prepare_data.py) read through megatron-core.
+
+`data.path` takes Megatron's blend syntax: one prefix (`/data/corpus`), several (`/data/a /data/b`, weighted
+by their sizes) or weight-prefix pairs (`0.3 /data/a 0.7 /data/b`). megatron-core's GPTDataset cuts the
+token stream into `data.seq_len + 1` windows, shuffles them from the seed (`train.seed`) and, for several
+prefixes, BlendedDataset interleaves them by weight. Sample i is a pure function of (files, seed, seq_len,
+split, num_samples); the Loader hands out consecutive samples across dp ranks, so resuming at any dp size
+continues the same stream.
+
+`data.reset_at_eod=true`: each end-of-document token closes a document; the sample carries `doc_lens`
+(-> cu_seqlens: attention and MoBA blocks never cross documents) and positions that restart per document.
+The target after an end-of-document token (the next document's first token) then carries no loss.
+"""
+
+import logging
+import os
+import struct
+import warnings
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+import torch
+
+from moba_train.data.config import DataConfig
+from moba_train.data.tokenizer import MegatronTokenizerView, load_tokenizer
+from moba_train.errors import UserError
+from moba_train.model.llama import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2}  # megatron-core DType codes -> bytes
+
+
+class DatasetFileError(UserError):
+    """A missing or damaged dataset file; the message names it."""
+
+
+def parse_blend(path: str) -> tuple[list[str], Optional[list[float]]]:
+    """Megatron blend string -> (prefixes, weights or None)."""
+    parts = str(path).split()
+    if not parts:
+        raise UserError("data.path is empty")
+    if len(parts) % 2 == 0:
+        try:
+            weights = [float(w) for w in parts[0::2]]
+        except ValueError:
+            return parts, None
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise UserError(f"data.path={path!r}: blend weights must be >= 0 with a positive sum")
+        return parts[1::2], weights
+    return parts, None
+
+
+def check_indexed(prefix: str) -> tuple[int, int]:
+    """Validate `<prefix>.idx` / `<prefix>.bin` (presence, header, sizes); returns (documents, tokens)."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for file in (idx, bin_):
+        if not os.path.isfile(file):
+            raise DatasetFileError(f"{file}: no such dataset file (data.path gives prefixes of .bin/.idx pairs; "
+                                   "make them with scripts/prepare_data.py)")
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+        raise DatasetFileError(f"{idx}: not a Megatron indexed-dataset index (bad header)")
+    code = head[17]
+    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
+    if code not in DTYPE_SIZES or n_doc < 1 or size != 34 + n_seq * 12 + n_doc * 8:
+        raise DatasetFileError(f"{idx}: damaged index (dtype code {code}, {n_seq} sequences, {n_doc - 1} documents, "
+                               f"{size} bytes)")
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=34, shape=(n_seq,)) if n_seq else np.zeros(0)
+    tokens = int(lengths.sum(dtype=np.int64))
+    expected = tokens * DTYPE_SIZES[code]
+    if os.path.getsize(bin_) != expected:
+        raise DatasetFileError(f"{bin_}: {os.path.getsize(bin_)} bytes, but {idx} describes {expected} "
+                               "(truncated or mismatched .bin/.idx pair)")
+    if tokens == 0:
+        raise DatasetFileError(f"{bin_}: the dataset holds no tokens")
+    return n_doc - 1, tokens
+
+
+def check_sidecar(prefix: str, tok) -> None:
+    """prepare_data.py writes `<prefix>.json` naming its tokenizer; a different data tokenizer is an error."""
+    import json
+
+    file = prefix + ".json"
+    if not os.path.isfile(file):
+        return
+    try:
+        with open(file) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetFileError(f"{file}: unreadable dataset description ({e})") from None
+    if info.get("vocab_size") != tok.vocab_size or info.get("eod") != tok.eod:
+        raise UserError(f"{file}: dataset was tokenized with {info.get('tokenizer')!r} (vocab {info.get('vocab_size')}, "
+                        f"eod {info.get('eod')}), but data.megatron.tokenizer={tok.name!r} has vocab "
+                        f"{tok.vocab_size}, eod {tok.eod}")
+
+
+def doc_lengths(tokens: np.ndarray, eod: int) -> np.ndarray:
+    """Lengths of the documents in a window: each eod token is the last token of its document."""
+    ends = np.flatnonzero(tokens == eod) + 1
+    bounds = np.unique(np.concatenate([[0], ends, [len(tokens)]]))
+    return np.diff(bounds)
+
+
+@contextmanager
+def _rank_zero_without_process_group():
+    """megatron-core 0.16 BlendedDataset calls torch.distributed.get_rank() even without a process group
+    (a single-process run with a cached blend); answer 0 there, as a single process is rank 0."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+class MegatronData:
+    """Indexable: {input_ids [S], labels [S] (IGNORE_INDEX where no loss)[, doc_lens, positions]}."""
+
+    def __init__(self, cfg: DataConfig, seed: int, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
+        mcfg = cfg.megatron
+        self.seq_len, self.reset_at_eod = cfg.seq_len, cfg.reset_at_eod
+        self.tokenizer = load_tokenizer(mcfg.tokenizer)
+        if vocab_size is not None and self.tokenizer.vocab_size > vocab_size:
+            raise UserError(f"data.megatron.tokenizer={mcfg.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
+                            f"model.vocab_size={vocab_size}")
+        self.eod = self.tokenizer.eod
+        prefixes, weights = parse_blend(cfg.path)
+        for prefix in prefixes:
+            check_indexed(prefix)
+            check_sidecar(prefix, self.tokenizer)
+        cache = mcfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index_cache")
+        with warnings.catch_warnings():  # megatron.core warns about missing optional GPU packages on import
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+            from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        config = GPTDatasetConfig(
+            random_seed=seed, sequence_length=cfg.seq_len, blend=(prefixes, weights), split=mcfg.split,
+            path_to_cache=cache, tokenizer=MegatronTokenizerView(self.tokenizer), reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=mcfg.eod_mask_loss, create_attention_mask=False,
+            mid_level_dataset_surplus=mcfg.mid_level_surplus)
+        try:
+            sizes = [num_samples, None, None] if weights is None else [num_samples or len(prefixes), 0, 0]
+            with _rank_zero_without_process_group():
+                train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        except OSError as e:
+            raise DatasetFileError(f"{getattr(e, 'filename', None) or cache}: cannot build the sample index "
+                                   f"({e.strerror or e}); set data.megatron.cache_dir to a writable directory") from None
+        if train is None or len(train) == 0:
+            raise UserError(f"data.path={cfg.path!r} with data.megatron.split={mcfg.split!r} yields no training "
+                            f"samples of data.seq_len={cfg.seq_len}")
+        self.dataset = train
+        log.info("megatron data %s: %d samples of %d tokens", cfg.path, len(train), cfg.seq_len)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[index]
+        ids, labels = sample["tokens"].long(), sample["labels"].long().clone()
+        labels[sample["loss_mask"] == 0] = IGNORE_INDEX
+        out = {"input_ids": ids, "labels": labels}
+        if self.reset_at_eod:
+            is_eod = ids == self.eod
+            labels[is_eod] = IGNORE_INDEX  # the next token belongs to another document
+            lens = doc_lengths(ids.numpy(), self.eod)
+            starts = np.repeat(np.cumsum(lens) - lens, lens)
+            out["doc_lens"] = torch.from_numpy(lens.astype(np.int32))
+            out["positions"] = torch.arange(len(ids)) - torch.from_numpy(starts)
+        return out

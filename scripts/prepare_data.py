@@ -1,0 +1,148 @@
+"""Tokenize text into a Megatron indexed dataset (`<prefix>.bin` + `<prefix>.idx`) for `data=megatron`.
+
+    python scripts/prepare_data.py --input corpus.jsonl more/*.txt --output-prefix data/corpus \
+        [--tokenizer byte | /path/to/hf_tokenizer_dir] [--json-key text] [--workers 4]
+
+Inputs: `.jsonl` / `.json` files hold one JSON object per line with the text under `--json-key`; any other
+file is one plain-text document; a directory stands for the files in it (sorted, recursively). Every
+document is tokenized without special tokens and ends with the tokenizer's end-of-document token; empty
+documents are skipped. Writing uses megatron-core's IndexedDatasetBuilder, so Megatron-LM reads the
+result too. `<prefix>.json` records the tokenizer (training checks it against `data.tokenizer`).
+Outputs appear only when complete (written under temporary names, then renamed).
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from multiprocessing import Pool
+from typing import Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from moba_train.data.tokenizer import load_tokenizer  # noqa: E402
+from moba_train.errors import UserError  # noqa: E402
+
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def input_files(paths: list[str]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in sorted(os.walk(path)):
+                files += [os.path.join(root, n) for n in sorted(names)]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such input file or directory")
+    return files
+
+
+def documents(files: list[str], json_key: str) -> Iterator[str]:
+    for file in files:
+        if not file.endswith(JSON_SUFFIXES):
+            with open(file, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+            continue
+        with open(file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{file}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
+                    raise UserError(f"{file}:{lineno}: no string field {json_key!r} (--json-key)")
+                yield obj[json_key]
+
+
+_tokenizer = None
+
+
+def _init_worker(spec: str) -> None:
+    global _tokenizer
+    _tokenizer = load_tokenizer(spec)
+
+
+def _encode(text: str) -> list[int]:
+    return _tokenizer.encode(text)
+
+
+def prepare(inputs: list[str], output_prefix: str, tokenizer: str = "byte", json_key: str = "text",
+            workers: int = 1, progress: bool = True) -> dict:
+    """Write `<output_prefix>.bin/.idx/.json`; returns the summary written to the .json file."""
+    with warnings.catch_warnings():  # megatron.core warns about missing optional GPU packages on import
+        warnings.simplefilter("ignore")
+        import torch
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    tok = load_tokenizer(tokenizer)
+    files = input_files(inputs)
+    dtype = DType.optimal_dtype(tok.vocab_size)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    tmp = f"{output_prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    n_docs = n_tokens = n_empty = 0
+    pool = Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
+    try:
+        if pool is None:
+            _init_worker(tokenizer)
+            encoded = map(_encode, documents(files, json_key))
+        else:
+            encoded = pool.imap(_encode, documents(files, json_key), chunksize=16)
+        for ids in tqdm(encoded, desc="tokenize", unit="doc", disable=not progress):
+            if not ids:
+                n_empty += 1
+                continue
+            builder.add_item(torch.from_numpy(np.asarray(ids + [tok.eod], dtype=np.int64)))
+            builder.end_document()
+            n_docs += 1
+            n_tokens += len(ids) + 1
+        builder.finalize(tmp + ".idx")
+    except BaseException:
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            if os.path.exists(tmp + suffix):
+                os.remove(tmp + suffix)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if n_docs == 0:
+        for suffix in (".bin", ".idx"):
+            os.remove(tmp + suffix)
+        raise UserError(f"no non-empty documents in {inputs}")
+    summary = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod": tok.eod, "documents": n_docs,
+               "tokens": n_tokens, "skipped_empty": n_empty, "dtype": np.dtype(dtype).name}
+    with open(tmp + ".json", "w") as f:
+        json.dump(summary, f, indent=2)
+    for suffix in (".bin", ".idx", ".json"):
+        os.replace(tmp + suffix, output_prefix + suffix)
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL / text files or directories")
+    parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, <prefix>.idx, <prefix>.json")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer dir / tokenizer.json")
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    try:
+        summary = prepare(args.input, args.output_prefix, args.tokenizer, args.json_key, args.workers)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.output_prefix}: {summary['documents']} documents, {summary['tokens']} tokens "
+          f"({summary['skipped_empty']} empty skipped)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Megatron indexed data: prepare_data.py round trip through megatron-core, sampling, blends, reset_at_eod, errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from moba_train.data import Loader, build_dataset
+from moba_train.data.config import DataConfig, MegatronDataConfig
+from moba_train.data.tokenizer import BYTE_EOS, load_tokenizer
+from moba_train.errors import UserError
+from moba_train.model.llama import IGNORE_INDEX
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py"))
+prepare_data = importlib.util.module_from_spec(spec)
+sys.modules["prepare_data"] = prepare_data  # its worker functions pickle by module name
+spec.loader.exec_module(prepare_data)
+
+
+def indexed_dataset(prefix):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    return IndexedDataset(prefix)
+
+
+def write_corpus(directory, n=60, seed=0, alphabet="abcdefgh xyzé\n"):
+    rng = np.random.default_rng(seed)
+    texts = ["".join(rng.choice(list(alphabet), size=int(rng.integers(1, 200)))) for _ in range(n)]
+    path = os.path.join(directory, f"corpus{seed}.jsonl")
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return path, texts
+
+
+def cfg_for(path, seq_len=32, **kw):
+    return DataConfig(name="megatron", seq_len=seq_len, batch_size=2, path=path,
+                      reset_at_eod=kw.pop("reset_at_eod", False), megatron=MegatronDataConfig(**kw))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    jsonl, texts = write_corpus(str(d))
+    (d / "plain.txt").write_text("one plain document\nwith two lines ✓")
+    (d / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    prefix = str(d / "out" / "data")
+    summary = prepare_data.prepare([jsonl, str(d / "plain.txt"), str(d / "empty.jsonl")], prefix, workers=2,
+                                   progress=False)
+    return prefix, texts + ["one plain document\nwith two lines ✓"], summary
+
+
+def test_prepare_round_trips_through_megatron_reader(corpus):
+    prefix, texts, summary = corpus
+    assert summary["documents"] == len(texts) and summary["skipped_empty"] == 1
+    ds = indexed_dataset(prefix)
+    assert len(ds.document_indices) - 1 == len(texts)
+    tok = load_tokenizer("byte")
+    for i, text in enumerate(texts):
+        got = ds[i]
+        assert got.tolist() == tok.encode(text) + [BYTE_EOS]
+        assert tok.decode(got) == text
+    assert sorted(os.listdir(os.path.dirname(prefix))) == ["data.bin", "data.idx", "data.json"]  # no temporaries
+
+
+def test_prepare_with_hf_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    jsonl, texts = write_corpus(str(tmp_path), n=30, seed=3, alphabet="ab cd ef\n")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    prefix = str(tmp_path / "hf")
+    prepare_data.prepare([jsonl], prefix, tokenizer=str(tok_dir), workers=2, progress=False)
+    hf = load_tokenizer(str(tok_dir))
+    assert hf.eod == tok.token_to_id("</s>")
+    ds = indexed_dataset(prefix)
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == tok.encode(text).ids + [hf.eod]
+    # training reads it only with the same tokenizer
+    with pytest.raises(UserError, match=r"hf\.json.*tokenized with"):
+        build_dataset(cfg_for(prefix), seed=0, num_samples=8)
+    assert len(build_dataset(cfg_for(prefix, tokenizer=str(tok_dir)), seed=0, num_samples=8)) >= 8
+
+
+def test_samples_deterministic_and_split_over_dp(corpus):
+    prefix = corpus[0]
+    a = build_dataset(cfg_for(prefix), seed=1, num_samples=64)
+    b = build_dataset(cfg_for(prefix), seed=1, num_samples=64)
+    c = build_dataset(cfg_for(prefix), seed=2, num_samples=64)
+    assert len(a) >= 64
+    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(16))
+    assert not all(torch.equal(a[i]["input_ids"], c[i]["input_ids"]) for i in range(16))
+    s = a[3]
+    assert s["input_ids"].shape == s["labels"].shape == (32,)
+    assert torch.equal(s["labels"][:-1], s["input_ids"][1:])  # next-token targets
+    # dp=2 ranks together see exactly what one rank sees with a double batch, step after step
+    one = Loader(a, batch_size=4)
+    ranks = [Loader(a, batch_size=2, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(3):
+        whole = one.next_batch()["input_ids"]
+        parts = torch.cat([r.next_batch()["input_ids"] for r in ranks])
+        assert torch.equal(whole, parts)
+    assert one.consumed == ranks[0].consumed == 12
+
+
+def test_reset_at_eod_gives_document_bounds(corpus):
+    prefix = corpus[0]
+    ds = build_dataset(cfg_for(prefix, seq_len=64, reset_at_eod=True), seed=0, num_samples=32)
+    seen_multi = False
+    for i in range(32):
+        s = ds[i]
+        ids, labels, lens, pos = s["input_ids"], s["labels"], s["doc_lens"], s["positions"]
+        assert int(lens.sum()) == 64 and (lens > 0).all()
+        ends = torch.cumsum(lens.long(), 0)
+        assert (ids[ends[:-1] - 1] == BYTE_EOS).all()  # every document but the last ends with eod
+        assert int((ids == BYTE_EOS).sum()) in (len(lens) - 1, len(lens))
+        starts = ends - lens.long()
+        assert (pos[starts] == 0).all() and int(pos.max()) < int(lens.max())
+        assert (labels[ids == BYTE_EOS] == IGNORE_INDEX).all()  # no target across a document boundary
+        seen_multi |= len(lens) > 1
+    assert seen_multi
+    batch = Loader(ds, batch_size=2).next_batch()
+    assert batch["cu_seqlens"][-1] == 128 and batch["positions"].shape == (2, 64)
+
+
+def test_blend_weights(tmp_path):
+    a = str(tmp_path / "a")
+    b = str(tmp_path / "b")
+    pa, _ = write_corpus(str(tmp_path), n=40, seed=10, alphabet="a")
+    pb, _ = write_corpus(str(tmp_path), n=40, seed=11, alphabet="b")
+    prepare_data.prepare([pa], a, workers=1, progress=False)
+    prepare_data.prepare([pb], b, workers=1, progress=False)
+    ds = build_dataset(cfg_for(f"0.25 {a} 0.75 {b}", seq_len=16), seed=0, num_samples=400)
+    from_a = sum(int((ds[i]["input_ids"] == ord("a")).any()) for i in range(400))
+    assert 70 <= from_a <= 130, from_a
+
+
+def test_missing_and_corrupt_dataset_files(corpus, tmp_path):
+    prefix = corpus[0]
+    with pytest.raises(UserError, match=r"/nope\.idx: no such dataset file"):
+        build_dataset(cfg_for(str(tmp_path / "nope")), seed=0, num_samples=4)
+    broken = str(tmp_path / "broken")
+    for suffix in (".bin", ".idx"):
+        with open(prefix + suffix, "rb") as f, open(broken + suffix, "wb") as g:
+            g.write(f.read())
+    with open(broken + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(broken + ".bin") - 10)
+    with pytest.raises(UserError, match=r"broken\.bin: .*truncated"):
+        build_dataset(cfg_for(broken), seed=0, num_samples=4)
+    with open(broken + ".idx", "r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(UserError, match=r"broken\.idx: not a Megatron"):
+        build_dataset(cfg_for(broken), seed=0, num_samples=4)
+
+
+def test_tiny_trains_on_prepared_data(corpus, tmp_path):
+    prefix = corpus[0]
+    run = subprocess.run(
+        [sys.executable, "launch/pretrain.py", "+exp=tiny", "data=megatron", f"data.path={prefix}",
+         "data.seq_len=128", "data.batch_size=2", "data.reset_at_eod=true", "attention.block_size=32",
+         "attention.top_k=2", "train.device=cpu", "train.steps=3", "train.log_every=1",
+         f"train.out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[0] > 3.0  # ~ln(260) at start
+    run = subprocess.run(
+        [sys.executable, "launch/pretrain.py", "+exp=tiny", "data=megatron", f"data.path={tmp_path}/missing",
+         "train.device=cpu", f"train.out_dir={tmp_path}/other"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.idx" in run.stderr
