@@ -1,0 +1,310 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) with atomic publish, retention and exact resume.
+
+Layout under `<train.out_dir>/checkpoints/`:
+
+    step_00000100/            a complete checkpoint (only complete ones carry this name)
+      .metadata, __*_*.distcp   model + optimizer (DCP; sharded under FSDP2, resharded on load)
+      train_state.pt          step, LR schedule, data position (consumed samples), run facts
+      rng_<rank>.pt           torch CPU/CUDA, numpy and python RNG states of each rank
+      manifest.json           every file of the checkpoint with its size; written last
+    .tmp-step_00000100/       a save in progress (or one that died): never read, removed on the next start
+
+A save writes everything under the temporary name, then rank 0 renames it (atomic on one filesystem).
+Older checkpoints beyond `checkpoint.keep` are deleted only after the new one is published. The data
+position is a global sample count, so a run may resume at another dp size with the same global batch.
+
+Fault injection for tests: MOBA_TRAIN_CKPT_FAULT=<stage> makes the process die (os._exit(17), like a kill)
+at that stage of a save: `shards` (after the DCP shards, before train/rng state), `manifest` (all files
+written, before the rename).
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from moba_train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-"
+FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
+
+
+class CheckpointError(UserError):
+    """A missing, incomplete, corrupt or incompatible checkpoint; the message names the file."""
+
+
+def _fault(stage: str) -> None:
+    if os.environ.get(FAULT_ENV) == stage:
+        log.error("fault injected at checkpoint stage %r", stage)
+        os._exit(17)
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes a single process when no process group exists: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Published checkpoints under `root`, oldest first: [(step, path)]."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = STEP_DIR.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, out_dir: str) -> Optional[str]:
+    """checkpoint.resume -> the checkpoint directory to load, or None for a fresh start."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(os.path.join(out_dir, CHECKPOINT_DIR))
+        return found[-1][1] if found else None
+    path = resume
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint (checkpoint.resume)")
+    if os.path.isfile(os.path.join(path, "manifest.json")) or STEP_DIR.match(os.path.basename(path.rstrip("/"))):
+        return path
+    for root in (os.path.join(path, CHECKPOINT_DIR), path):  # a run directory or its checkpoints/ folder
+        found = list_checkpoints(root)
+        if found:
+            return found[-1][1]
+    raise CheckpointError(f"{path}: not a checkpoint (no manifest.json) and holds no step_* checkpoints")
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors of a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def verify(path: str) -> dict:
+    """Check a checkpoint directory against its manifest (presence and size of every file)."""
+    manifest_file = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_file):
+        raise CheckpointError(f"{manifest_file}: missing; {path} is not a complete checkpoint")
+    try:
+        with open(manifest_file) as f:
+            manifest = json.load(f)
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_file}: corrupt manifest ({e})") from None
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing checkpoint file")
+        if os.path.getsize(file) != size:
+            raise CheckpointError(f"{file}: corrupt checkpoint file ({os.path.getsize(file)} bytes, expected {size})")
+    return manifest
+
+
+def check_model_shapes(path: str, model_state: dict) -> None:
+    """One clear error when the checkpoint's model parameters differ from the model being trained."""
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{os.path.join(path, '.metadata')}: unreadable ({type(e).__name__}: {e})") from None
+    saved = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    current = {k: tuple(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+    problems = [f"{k}: {list(saved[k])} in checkpoint, {list(current[k])} in model"
+                for k in sorted(saved.keys() & current.keys()) if saved[k] != current[k]]
+    missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    if missing:
+        problems.append(f"not in checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"not in model: {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint model shape differs from the configured model "
+                              f"({len(problems)} problems; {problems[0]}{'; ' + problems[1] if len(problems) > 1 else ''}); "
+                              "resume with the model config it was saved with, or checkpoint.resume=none")
+
+
+class Checkpointer:
+    """Saves and restores a Trainer (model, optimizer, scheduler, loader, step) plus RNG states."""
+
+    def __init__(self, cfg, out_dir: str, is_main: bool):
+        self.cfg, self.is_main = cfg, is_main
+        self.root = os.path.join(out_dir, CHECKPOINT_DIR)
+        self.last_saved: Optional[int] = None
+        self._pending = None  # (future, tmp, final, step) of an async save
+
+    # ------------------------------------------------------------------ save
+
+    def due(self, step: int, final: bool = False) -> bool:
+        if self.last_saved == step:
+            return False
+        return final or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+
+    def save(self, trainer, run_info: Optional[dict] = None) -> str:
+        """Write a checkpoint of `trainer` at trainer.step and publish it; returns the published path."""
+        self.wait()
+        step = trainer.step
+        final = os.path.join(self.root, step_dir_name(step))
+        tmp = os.path.join(self.root, TMP_PREFIX + step_dir_name(step))
+        if self.is_main:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        if self.cfg.async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp)
+            self._write_small_files(trainer, tmp, run_info)
+            self._pending = (future, tmp, final, step)
+            self.last_saved = step
+            return final
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=tmp)
+        _fault("shards")
+        self._write_small_files(trainer, tmp, run_info)
+        self._publish(tmp, final, step)
+        return final
+
+    def _write_small_files(self, trainer, tmp: str, run_info: Optional[dict]) -> None:
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
+        if self.is_main:
+            torch.save({"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
+                        "loader": trainer.loader.state_dict(), "run": json.dumps(run_info or {})},
+                       os.path.join(tmp, "train_state.pt"))
+
+    def _publish(self, tmp: str, final: str, step: int) -> None:
+        _barrier()  # every rank's files are written
+        if self.is_main:
+            files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
+                     if os.path.isfile(os.path.join(tmp, name))}
+            with open(os.path.join(tmp, "manifest.json.part"), "w") as f:
+                json.dump({"step": step, "files": files}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, "manifest.json.part"), os.path.join(tmp, "manifest.json"))
+            _fault("manifest")
+            if os.path.exists(final):  # a re-save of the same step (e.g. after resuming it)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._retain()
+        _barrier()
+        self.last_saved = step
+        log.info("checkpoint saved: %s", final)
+
+    def wait(self) -> None:
+        """Finish an async save in flight and publish it."""
+        if self._pending is None:
+            return
+        future, tmp, final, step = self._pending
+        self._pending = None
+        future.result()
+        self._publish(tmp, final, step)
+
+    def _retain(self) -> None:
+        if self.cfg.keep <= 0:
+            return
+        for _, path in list_checkpoints(self.root)[:-self.cfg.keep]:
+            doomed = os.path.join(self.root, TMP_PREFIX + "del-" + os.path.basename(path))
+            os.replace(path, doomed)  # never half-deleted under a complete name
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def cleanup_stale(self) -> None:
+        """Remove temporary directories of saves that died (rank 0, before the first save)."""
+        if self.is_main and os.path.isdir(self.root):
+            for name in os.listdir(self.root):
+                if name.startswith(TMP_PREFIX):
+                    log.warning("removing incomplete checkpoint %s", os.path.join(self.root, name))
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        _barrier()
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, trainer, path: str) -> dict:
+        """Restore `trainer` from the checkpoint at `path`; returns the run info saved with it."""
+        verify(path)
+        model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+        check_model_shapes(path, model_state)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=path)
+        except Exception as e:  # DCP wraps per-rank failures; the manifest check above caught missing files
+            raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        train_state = _load_file(os.path.join(path, "train_state.pt"))
+        trainer.step = int(train_state["step"])
+        trainer.scheduler.load_state_dict(train_state["scheduler"])
+        trainer.loader.load_state_dict(train_state["loader"])
+        rng_file = os.path.join(path, f"rng_{_rank()}.pt")
+        _set_rng_state(_load_file(rng_file if os.path.isfile(rng_file) else os.path.join(path, "rng_0.pt")))
+        self.last_saved = trainer.step
+        log.info("resumed from %s at step %d", path, trainer.step)
+        return json.loads(train_state.get("run", "{}"))
+
+    def resume(self, trainer, out_dir: str, run_info: Optional[dict] = None) -> Optional[str]:
+        """Apply checkpoint.resume: load the newest (auto) or the given checkpoint; None when starting fresh.
+        Facts of the run (`run_info`: global batch, data...) that differ from the saved ones are logged."""
+        path = resolve_resume(self.cfg.resume, out_dir)
+        self.cleanup_stale()
+        if path is None:
+            return None
+        saved = self.load(trainer, path)
+        for key, value in (run_info or {}).items():
+            if key in saved and saved[key] != value:
+                log.warning("resuming with %s=%r, saved with %r: the data stream differs from the saved run",
+                            key, value, saved[key])
+        return path
