@@ -81,7 +81,7 @@ class Trainer:
             with self.autocast:
                 loss, _ = self.model(batch["input_ids"], batch.get("positions"), batch.get("cu_seqlens"),
                                      labels=batch["labels"])
-            (loss / global_tokens).backward()
+            (loss * self.dims.grad_scale / global_tokens).backward()  # FSDP averages; we want the sum
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)  # full norm (FSDP shards)
         self.optimizer.step()
