@@ -1,5 +1,6 @@
 """HF Llama interop: logits equal transformers', round trips are exact, bad checkpoints give clear errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = AttentionConfig(kind="full")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
+
+
+def convert_script():
+    spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_hf(tmp_path, name="hf", tie=False, rope_scaling=LLAMA3, shard=None, dtype=torch.float32, **kw):
@@ -90,9 +98,7 @@ def test_round_trip_exact(tmp_path, tie):
     # through our consolidated format and the conversion script
     save_consolidated(ours, tmp_path / "ours")
     assert torch.equal(load_pretrained(str(tmp_path / "ours"), FULL).lm_head.weight, ours.lm_head.weight)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), "ours-to-hf",
-                          str(tmp_path / "ours"), str(tmp_path / "hf2")], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    assert convert_script().main(["ours-to-hf", str(tmp_path / "ours"), str(tmp_path / "hf2")]) == 0
     out2 = load_file(tmp_path / "hf2" / "model.safetensors")
     assert all(torch.equal(src[k], out2[k]) for k in src)
 

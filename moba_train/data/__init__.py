@@ -14,6 +14,10 @@ def build_dataset(cfg: DataConfig, seed: int, num_samples: Optional[int] = None,
         from moba_train.data.megatron import MegatronData
 
         return MegatronData(cfg, seed, num_samples, vocab_size)
+    if cfg.name == "sft":
+        from moba_train.data.sft import SFTDataset
+
+        return SFTDataset(cfg, seed, vocab_size)
     if cfg.name == "synthetic":
         from moba_train.data.synthetic import NeedleRetrieval
 

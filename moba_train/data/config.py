@@ -6,7 +6,7 @@ from typing import Any, Optional
 class SFTDataConfig:
     """SFT chat data (see moba_train/data/sft.py)."""
 
-    tokenizer: str = "byte"  # byte (built-in template, 260-token vocab) | path to a local HF tokenizer dir
+    tokenizer: Optional[str] = "byte"  # byte (built-in template, 260-token vocab) | a local HF tokenizer dir
     overlength: str = "drop"  # conversations longer than data.seq_len: drop | truncate
     pack: bool = True  # several conversations per row, separated by cu_seqlens
     shuffle: bool = True  # conversation order before packing (seeded by train.seed)

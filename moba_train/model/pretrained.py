@@ -7,6 +7,7 @@ Consolidated format (what `scripts/convert_hf.py` writes): a directory with
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any, Optional, Union
@@ -17,6 +18,8 @@ from moba_train.model import hf
 from moba_train.model.config import AttentionConfig, ModelConfig
 from moba_train.model.hf import CheckpointError
 from moba_train.model.llama import Llama
+
+log = logging.getLogger(__name__)
 
 FORMAT = "moba-train"
 # Files a HF checkpoint dir carries besides weights that a consumer of the weights may want (tokenizer).
@@ -124,7 +127,8 @@ def find_checkpoint(path: str) -> str:
     found = []
     for root, dirs, _ in os.walk(path):
         depth = root[len(path):].count(os.sep)
-        if is_dcp_dir(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tmp-* saves in progress, .hydra
+        if is_dcp_dir(root) and os.path.isfile(os.path.join(root, "manifest.json")):  # published only
             digits = "".join(c if c.isdigit() else " " for c in os.path.basename(root)).split()
             found.append((int(digits[-1]) if digits else -1, root))
             dirs[:] = []
@@ -163,7 +167,13 @@ def init_model(model_cfg: ModelConfig, attn_cfg: AttentionConfig, device: Union[
     if is_dcp_dir(cfg.init_from):
         from moba_train.model.dcp_import import load_dcp_model
 
-        return load_dcp_model(cfg.init_from, cfg, attn_cfg, device)
-    keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
-            if f.name not in SHAPE_FIELDS and f.name != "init_from"}
-    return load_pretrained(cfg.init_from, attn_cfg, dtype="float32", device=device, **keep)
+        model, kind = load_dcp_model(cfg.init_from, cfg, attn_cfg, device), "DCP checkpoint"
+    else:
+        keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+                if f.name not in SHAPE_FIELDS and f.name != "init_from"}
+        model = load_pretrained(cfg.init_from, attn_cfg, dtype="float32", device=device, **keep)
+        kind = "HF Llama" if checkpoint_kind(cfg.init_from) == "hf" else "moba-train checkpoint"
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("initialized from %s %s (%.1fM parameters, rope_theta=%g, rope_scaling=%s)", kind, cfg.init_from,
+                 sum(p.numel() for p in model.parameters()) / 1e6, cfg.rope_theta, cfg.rope_scaling)
+    return model

@@ -1,0 +1,36 @@
+"""SFT entry point: `torchrun --nproc_per_node=N launch/sft.py +exp=sft_hybrid model.init_from=DIR data.path=F`.
+
+Same trainer as pretraining, with the SFT defaults of configs/sft.yaml: chat data packed with cu_seqlens,
+loss on assistant tokens only, MoBA in most layers and full attention in the last `attention.full_attn_last_k`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from moba_train.config import register_configs, to_config  # noqa: E402
+from moba_train.data.sft import check_sft_config  # noqa: E402
+from moba_train.errors import UserError  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sft")
+def main(cfg: DictConfig) -> None:
+    from moba_train.train.trainer import Trainer
+
+    try:
+        config = to_config(cfg)
+        check_sft_config(config)
+        Trainer(config).train()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""SFT data: assistant-only loss mask, packing equals one-by-one losses, clear errors for bad samples."""
+
+import json
+
+import pytest
+import torch
+
+from moba_train.data.config import DataConfig, SFTDataConfig
+from moba_train.data.loader import collate
+from moba_train.data.sft import (BOS, EOT, HEADER, ByteTemplate, HFTemplate, SFTDataError, SFTDataset, pack,
+                                 read_jsonl, to_example)
+from moba_train.model import AttentionConfig, IGNORE_INDEX, Llama, ModelConfig
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the answer?"},
+        {"role": "assistant", "content": "the answer is 42"}, {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "world"}]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(path, template=TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "<|start|>", "<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["what is the answer?", "the answer is 42", "hello world", "user assistant"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="<|end|>")
+    if template:
+        fast.chat_template = template
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_byte_mask_is_exactly_assistant_tokens():
+    ids, mask = ByteTemplate().encode(CHAT, "x")
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained == list(b"the answer is 42") + [EOT] + list(b"world") + [EOT]
+    assert ids[0] == BOS and ids.count(HEADER) == len(CHAT)
+    x, labels = to_example(ids, mask)  # labels are next tokens where the next token is an assistant token
+    assert [int(t) for t in labels if t != IGNORE_INDEX] == trained
+    assert labels[-1] == IGNORE_INDEX
+
+
+def test_hf_chat_template_mask(tmp_path):
+    tpl = HFTemplate(make_tokenizer(tmp_path / "tok"))
+    ids, mask = tpl.encode(CHAT, "x")
+    assert tpl.tok.decode([i for i, m in zip(ids, mask) if m]) == "the answer is 42<|end|>\nworld<|end|>\n"
+    assert tpl.tok.decode(ids) == tpl.tok.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_hf_template_errors(tmp_path):
+    with pytest.raises(SFTDataError, match="nope: no such tokenizer directory"):
+        HFTemplate(str(tmp_path / "nope"))
+    with pytest.raises(SFTDataError, match="has no chat_template"):
+        HFTemplate(make_tokenizer(tmp_path / "plain", template=None))
+    bad = HFTemplate(make_tokenizer(tmp_path / "bad", template="{{ raise_exception('no system role') }}"))
+    with pytest.raises(SFTDataError, match=r"data.jsonl:3: chat template of .*bad failed .*no system role"):
+        bad.encode(CHAT, "data.jsonl:3")
+
+
+def test_bad_samples_name_file_and_line(tmp_path):
+    ok = {"prompt": "p", "response": "r"}
+    cases = [("{not json", "invalid JSON"), ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+             ({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"), ({"text": "x"}, "expected a 'messages'"),
+             ({"messages": [{"role": "user"}]}, "needs 'role' and 'content'")]
+    for i, (row, msg) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"d{i}.jsonl", [ok, "", row])
+        with pytest.raises(SFTDataError, match=rf"d{i}.jsonl:3: .*{msg}"):
+            read_jsonl(path)
+    with pytest.raises(SFTDataError, match="no such SFT data file"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_overlength_drop_and_truncate(tmp_path):
+    # byte lengths: 1 + 6 + (prompt + 1) + 11 + (response + 1) = 35, 125 (answer past 64), 90 (answer cut at 64)
+    rows = [{"prompt": "q" * 10, "response": "a" * 5}, {"prompt": "q" * 100, "response": "a" * 5},
+            {"prompt": "q" * 40, "response": "a" * 30}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    drop = SFTDataset(DataConfig(name="sft", path=path, seq_len=64), seed=0)
+    assert (drop.stats["dropped_overlength"], drop.stats["kept"]) == (2, 1)
+    trunc = SFTDataset(DataConfig(name="sft", path=path, seq_len=64, sft=SFTDataConfig(overlength="truncate")), 0)
+    assert (trunc.stats["truncated"], trunc.stats["dropped_no_target"], trunc.stats["kept"]) == (1, 1, 2)
+    assert max(len(x) for x, _ in trunc.examples) == 64
+    with pytest.raises(Exception, match="data.sft.overlength='cut' is not one of"):
+        SFTDataset(DataConfig(name="sft", path=path, sft=SFTDataConfig(overlength="cut")), 0)
+
+
+def test_pack_next_fit():
+    assert pack([5, 4, 3, 8, 1], 9) == [[0, 1], [2], [3, 4]]
+
+
+def test_packed_loss_equals_one_by_one(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "question %d " % i * (i + 1)},
+                          {"role": "assistant", "content": "answer %d" % i * (3 - i % 3)}]} for i in range(7)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = SFTDataset(DataConfig(name="sft", path=path, seq_len=160, batch_size=2), seed=1)
+    assert len(ds) < 7 and any(len(p) > 1 for p in ds.packs)
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128),
+                  AttentionConfig(kind="moba", block_size=16, top_k=2, backend="naive")).eval()
+    packed_sum, packed_n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ds), 2):
+            batch = collate([ds[i] for i in range(start, min(start + 2, len(ds)))])
+            s, n = model(batch["input_ids"], batch["positions"], batch["cu_seqlens"], labels=batch["labels"])
+            packed_sum, packed_n = packed_sum + s.item(), packed_n + n.item()
+        one_sum, one_n = 0.0, 0
+        for x, y in ds.examples:
+            s, n = model(torch.as_tensor(x)[None], labels=torch.as_tensor(y)[None])
+            one_sum, one_n = one_sum + s.item(), one_n + n.item()
+    assert packed_n == one_n == ds.stats["target_tokens"]
+    assert abs(packed_sum / packed_n - one_sum / one_n) < 1e-5
+
+
+def test_builtin_long_qa():
+    ds = SFTDataset(DataConfig(name="sft", path="builtin:long_qa", seq_len=4096,
+                               sft=SFTDataConfig(num_synthetic=16)), seed=0)
+    row = ds[0]
+    assert row["input_ids"].shape == (4096,) and int(row["doc_lens"].sum()) == 4096
+    assert ds.stats["kept"] + ds.stats["dropped_overlength"] == 16 and ds.stats["kept"] > 8
+    with pytest.raises(SFTDataError, match="unknown built-in"):
+        SFTDataset(DataConfig(name="sft", path="builtin:nope"), seed=0)

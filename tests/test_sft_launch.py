@@ -1,0 +1,115 @@
+"""End to end: `+exp=sft_tiny` from a `+exp=tiny` checkpoint, and `+exp=continue_llama` from a HF Llama dir."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moba_train.config import register_configs, to_config
+from moba_train.data.sft import check_sft_config
+from moba_train.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+register_configs()
+
+
+def config(name, *overrides):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        return to_config(compose(name, overrides=list(overrides)))
+
+
+def train(name, *overrides):
+    from moba_train.train.trainer import Trainer
+
+    trainer = Trainer(config(name, *overrides))
+    trainer.train()
+    return trainer
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def test_sft_tiny_from_tiny_checkpoint(tmp_path):
+    tiny = tmp_path / "tiny"
+    train("config", "+exp=tiny", "data.seq_len=256", "data.batch_size=1", "data.num_needles=4",
+          "attention.block_size=32", "train.device=cpu", "train.steps=1", f"train.out_dir={tiny}")
+    assert os.listdir(tiny / "checkpoints") == ["step_00000001"]
+    sft = tmp_path / "sft"
+    args = ["+exp=sft_tiny", f"model.init_from={tiny}", "data.seq_len=512", "data.batch_size=1",
+            "data.sft.num_synthetic=24", "data.sft.overlength=truncate", "attention.block_size=64",
+            "train.device=cpu", "train.steps=2", "train.log_every=1", f"train.out_dir={sft}"]
+    run = subprocess.run([sys.executable, "launch/sft.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)  # as a user runs it
+    assert run.returncode == 0, run.stderr
+    out = run.stdout + run.stderr
+    assert "sft data builtin:long_qa" in out and "'truncated': " in out
+    assert f"initialized from DCP checkpoint {tiny}/checkpoints/step_00000001" in out
+    assert "step 0: attention moba x1, full x1" in out
+    records = metrics(sft)
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
+    # the SFT checkpoint (DCP) exported to a HF Llama dir: transformers' logits equal ours
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moba_train.model import AttentionConfig
+    from moba_train.model.dcp_import import load_dcp_model
+
+    spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    ckpt = sft / "checkpoints" / "step_00000002"
+    assert convert.main(["ours-to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    cfg = config("sft", *args)
+    ours = load_dcp_model(str(ckpt), cfg.model, AttentionConfig(kind="full"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 260, (1, 64))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+    # a model whose shapes do not match the checkpoint: one clear error naming the checkpoint
+    from moba_train.train.trainer import Trainer
+
+    with pytest.raises(UserError, match=r"step_00000001: tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
+                                        r"\[384, 128\] but the config gives \[512, 128\]"):
+        Trainer(config("sft", *args, "model.ffn_dim=512", f"train.out_dir={tmp_path / 'bad'}"))
+
+
+def test_sft_requires_a_checkpoint_and_sft_data(tmp_path):
+    with pytest.raises(UserError, match="give model.init_from"):
+        check_sft_config(config("sft", "+exp=sft_tiny", "model.init_from=null"))
+    with pytest.raises(UserError, match="runs/nope: no such checkpoint directory"):
+        config("sft", "+exp=sft_tiny", f"model.init_from={tmp_path}/runs/nope")
+    cfg = config("sft", "+exp=sft_hybrid", "model.init_from=null", "data.path=x.jsonl")
+    assert cfg.attention.full_attn_last_k == 3 and cfg.data.sft.tokenizer is None
+
+
+def test_continue_llama_from_hf_with_stages(tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_theta=10000.0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    caplog.set_level(logging.INFO)
+    trainer = train("config", "+exp=continue_llama", f"model.init_from={tmp_path / 'hf'}", "model.max_seq_len=256",
+                    "data=synthetic", "data.num_needles=4", "data.seq_len=256", "data.batch_size=1",
+                    "data.seq_len_schedule=[{at: 0.0, seq_len: 128}, {at: 0.5, seq_len: 256}]",
+                    "attention.block_size=32", "attention.top_k=2", "attention.full_attn_last_k=1",
+                    "attention.schedule=[{at: 0.75, kind: full}]", "train.device=cpu", "train.steps=4",
+                    "train.log_every=1", "train.activation_checkpointing=none", f"train.out_dir={tmp_path / 'run'}")
+    log = caplog.text
+    assert "step 0: attention moba x3, full x1" in log and "step 3: attention full x4" in log
+    assert "step 0: seq_len 128" in log and "step 2: seq_len 256" in log
+    assert f"initialized from HF Llama {tmp_path / 'hf'}" in log
+    assert len(metrics(tmp_path / "run")) == 4
+    model = trainer.model
+    assert model.cfg.rope_theta == 8e6 and model.cfg.n_layers == 4 and model.cfg.vocab_size == 300
+    assert model.attention_kinds() == ["full"] * 4
