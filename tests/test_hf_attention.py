@@ -111,10 +111,10 @@ def step_logits(hf, x, cache, chunks):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("path", ["dense", "gather"])
-def test_token_by_token_decode_equals_prefill(path, monkeypatch):
+@pytest.mark.parametrize("path,full_last", [("dense", 0), ("gather", 1)])
+def test_token_by_token_decode_equals_prefill(path, full_last, monkeypatch):
     monkeypatch.setattr(hf_decode, "GATHER_FRACTION", 1e9 if path == "gather" else 0.0)
-    register_moba(block_size=4, top_k=3)
+    register_moba(block_size=4, top_k=3, full_attn_last_k=full_last)
     hf = hf_model("moba", layers=3)
     x = ids(2, 41)
     want = hf(x).logits
@@ -143,7 +143,9 @@ def test_chunks_crop_and_reorder_stay_exact():
 
 
 @torch.no_grad()
-def test_left_padded_decode_equals_unpadded_prefill():
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_left_padded_decode_equals_unpadded_prefill(path, monkeypatch):
+    monkeypatch.setattr(hf_decode, "GATHER_FRACTION", 1e9 if path == "gather" else 0.0)
     hf = hf_model("moba")
     rows = [ids(1, 27, seed=3)[0], ids(1, 18, seed=4)[0]]
     seq = 27

@@ -37,7 +37,7 @@ def _note_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if cache is None:
         return
     states = getattr(cache, _ATTR, None)
-    state = None if states is None else states.get(module.layer_idx)
+    state = None if states is None else states.get(getattr(module, "layer_idx", None))
     if state is not None and state.synced_keys() is not layer_keys(cache, module.layer_idx):
         del states[module.layer_idx]
 

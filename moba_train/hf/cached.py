@@ -19,6 +19,8 @@ def cached_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | N
     """query [B, Hq, Q, D] (the last Q cache slots), key/value [B, Hkv, L, D], mask [B, L] bool -> [B, Hq, Q, D]."""
     batch, hq, n_q, _ = query.shape
     length = key.shape[2]
+    if full and mask is None and n_q == 1:  # plain decode step: no mask needed
+        return attend(query, key, value, None, scale)
     real = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=key.device)
     rank = real.long().cumsum(-1) - 1  # position of each slot in its row's document
     means, key_block = None, None

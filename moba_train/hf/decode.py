@@ -26,6 +26,7 @@ class LayerMeans:
 
     def __init__(self, starts: list[int], key: Tensor):
         self.starts = starts  # cache slot of each row's first real token
+        self.starts_t = torch.tensor(starts, device=key.device)  # the same on the device (no copies per step)
         self.count = [0] * len(starts)  # complete blocks whose means are stored, per row
         self.means = key.new_zeros(key.shape[0], key.shape[1], 0, key.shape[3], dtype=torch.float32)
         self.synced = None  # weak reference to the key tensor the state was last brought up to date with
@@ -77,8 +78,8 @@ def gated_step(query: Tensor, key: Tensor, value: Tensor, state: LayerMeans, blo
     own = [(length - 1 - start) // block_size for start in state.starts]
     state.extend(key, own, block_size)
     device = key.device
-    own_t = torch.tensor(own, device=device)
-    starts = torch.tensor(state.starts, device=device)
+    starts = state.starts_t
+    own_t = (length - 1 - starts) // block_size
     idx = pick_blocks(score_blocks(query, state.means[:, :, : max(own)]), own_t[:, None, None], top_k)
     idx = idx[:, :, 0]  # [B, Hq, k]
     if hq * top_k * block_size <= GATHER_FRACTION * hkv * length:
@@ -104,8 +105,8 @@ def decode(module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
     if full:
         return cached_attention(query, key, value, mask, block_size, top_k, scale, full=True)
     cache = cache_of(module)
-    layer = module.layer_idx
-    if cache is not None and query.shape[2] == 1 and layer_keys(cache, layer) is key and new_token_real(mask):
+    layer = getattr(module, "layer_idx", None)
+    if cache is not None and layer is not None and query.shape[2] == 1 and layer_keys(cache, layer) is key and new_token_real(mask):
         states = states_of(cache)
         state = states.get(layer)
         if state is None:
@@ -116,6 +117,6 @@ def decode(module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
             state.synced = weakref.ref(key)
             states[layer] = state
             return out
-    if cache is not None:
+    if cache is not None and layer is not None:
         states_of(cache).pop(layer, None)
     return cached_attention(query, key, value, mask, block_size, top_k, scale, full=False)

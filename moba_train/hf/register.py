@@ -86,6 +86,10 @@ def moba_attention(name: str, module, query: Tensor, key: Tensor, value: Tensor,
     """HF attention function: query [B, Hq, Q, D], key/value [B, Hkv, L, D] (cache included) -> [B, Q, Hq, D]."""
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("moba: MoBA is causal attention; bidirectional use (is_causal=False) is not supported")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("moba: sliding-window attention layers are not supported")
+    if dropout and getattr(module, "training", False):
+        raise ValueError(f"moba: attention dropout ({dropout}) is not supported")
     settings = settings_for(module, name)
     watch(module)
     mask = _check_mask(attention_mask, key.shape[0], key.shape[2])
