@@ -35,4 +35,4 @@ def test_cp2_both_modes():
 
 def test_cp4_and_dp2_cp2():
     spawn(4, [case(1, 4, "allgather"), case(1, 4, "ulysses"), case(2, 2, "allgather"), case(2, 2, "ulysses"),
-              case(4, 1, "allgather")])
+              case(2, 2, "allgather", replicate=2), case(4, 1, "allgather")])

@@ -21,6 +21,7 @@ class ParallelDims:
     world_size: int
     rank: int
     mesh: Optional[DeviceMesh] = None
+    flat: Optional[dict] = None  # flattened sub-meshes kept by name ("dp", "dp_shard_cp", "fsdp")
 
     @property
     def dp(self) -> int:
@@ -34,7 +35,7 @@ class ParallelDims:
     def dp_rank(self) -> int:
         if self.mesh is None or self.dp == 1:
             return 0
-        return self.mesh["dp"].get_local_rank()
+        return self.flat["dp"].get_local_rank()
 
     @property
     def cp_rank(self) -> int:
@@ -48,11 +49,7 @@ class ParallelDims:
     def fsdp_mesh(self) -> Optional[DeviceMesh]:
         """Parameters are sharded over dp_shard x cp (cp ranks hold the same weights) and replicated over
         dp_replicate (HSDP); None in a single process."""
-        if self.mesh is None:
-            return None
-        if self.dp_replicate > 1:
-            return self.mesh["dp_replicate", "dp_shard_cp"]
-        return self.mesh["dp_shard_cp"]
+        return None if self.mesh is None else self.flat["fsdp"]
 
     @property
     def grad_scale(self) -> int:
@@ -92,6 +89,10 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dims.mesh = init_device_mesh(device.type, (dp_replicate, dp_shard, cp),
                                  mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
-    dims.mesh[("dp_replicate", "dp_shard")]._flatten("dp")
-    dims.mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
+    mesh = dims.mesh
+    dims.flat = {"dp": mesh[("dp_replicate", "dp_shard")]._flatten("dp"),
+                 "dp_shard_cp": mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")}
+    # FSDP: shard over dp_shard x cp, replicate over dp_replicate (HSDP). Same rank order as the root mesh.
+    dims.flat["fsdp"] = dims.flat["dp_shard_cp"] if dp_replicate == 1 else init_device_mesh(
+        device.type, (dp_replicate, dp_shard * cp), mesh_dim_names=("dp_replicate", "dp_shard_cp"))
     return dims
