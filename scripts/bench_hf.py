@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import time
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -82,7 +83,8 @@ def run(model: LlamaForCausalLM, attn: str, length: int, steps: int, moba: tuple
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # the first run compiles / autotunes kernels for this shape
         cache = DynamicCache(config=model.config)
-        logits, prefill_s = timed(lambda: model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits)
+        out, prefill_s = timed(partial(model, ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        logits = out.logits
     prefill_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
     def decode(n: int):
@@ -109,7 +111,6 @@ def run(model: LlamaForCausalLM, attn: str, length: int, steps: int, moba: tuple
         _, full_s = timed(lambda: decode(steps))
         row["full_decode_ms"] = 1e3 * full_s / steps
         register_moba(block_size=moba[0], top_k=moba[1], backend=backend)
-    del cache, logits
     return row
 
 
@@ -125,7 +126,8 @@ def table(rows: list[dict]) -> str:
         full = f"{r['full_decode_ms']:>11.2f}" if "full_decode_ms" in r else f"{'':>11}"
         check = f"{r['decode_vs_prefill_maxdiff']:>10.2e}" if "decode_vs_prefill_maxdiff" in r else ""
         lines.append(f"{name:<18} {r['length']:>7} {r['prefill_s']:>9.3f} {r['prefill_tok_s']:>8.0f} "
-                     f"{r['prefill_peak_gib']:>8.1f} {r['decode_ms']:>9.2f} {r['first_decode_ms']:>10.1f} {full} {check}")
+                     f"{r['prefill_peak_gib']:>8.1f} {r['decode_ms']:>9.2f} {r['first_decode_ms']:>10.1f} "
+                     f"{full} {check}")
     return "\n".join(lines)
 
 
@@ -151,7 +153,8 @@ def main() -> None:
                 rows.append(run(model, attn, length, args.decode_steps, moba, backend))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name() if args.device == "cuda" else args.device, torch=torch.__version__, transformers=transformers.__version__,
+                device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+                torch=torch.__version__, transformers=transformers.__version__,
                 moba_backend=backend, batch=1, dtype="bfloat16", decode_steps=args.decode_steps,
                 model=dict(layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                            ffn=args.ffn, vocab=args.vocab), wall_s=time.perf_counter() - start)

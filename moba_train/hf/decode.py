@@ -24,7 +24,8 @@ GATHER_FRACTION = 0.25
 class LayerMeans:
     """Means of the complete blocks of each row's document in one layer's cache."""
 
-    def __init__(self, starts: list[int], key: Tensor):
+    def __init__(self, starts: list[int], key: Tensor, block_size: int):
+        self.block_size = block_size
         self.starts = starts  # cache slot of each row's first real token
         self.starts_t = torch.tensor(starts, device=key.device)  # the same on the device (no copies per step)
         self.count = [0] * len(starts)  # complete blocks whose means are stored, per row
@@ -106,12 +107,13 @@ def decode(module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
         return cached_attention(query, key, value, mask, block_size, top_k, scale, full=True)
     cache = cache_of(module)
     layer = getattr(module, "layer_idx", None)
-    if cache is not None and layer is not None and query.shape[2] == 1 and layer_keys(cache, layer) is key and new_token_real(mask):
+    followable = cache is not None and layer is not None and layer_keys(cache, layer) is key
+    if followable and query.shape[2] == 1 and new_token_real(mask):
         states = states_of(cache)
         state = states.get(layer)
-        if state is None:
+        if state is None or state.block_size != block_size:
             starts = left_aligned_starts(mask, key.shape[0], key.shape[2])
-            state = None if starts is None else LayerMeans(starts, key)
+            state = None if starts is None else LayerMeans(starts, key, block_size)
         if state is not None:
             out = gated_step(query, key, value, state, block_size, top_k, scale)
             state.synced = weakref.ref(key)
