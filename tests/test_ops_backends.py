@@ -25,6 +25,7 @@ CASES = [
     ((81, 20, 49), 1, 1, 32, 32, 4),
     ((128,), 4, 1, 16, 64, 2),
     ((47, 75), 2, 2, 16, 16, 12),
+    ((60, 41), 2, 1, 16, 24, 3),
 ]
 FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the reference's largest entry
 

@@ -69,8 +69,28 @@ def _plan(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size:
     # segment (hk, block) keys: rows hk * T + block range of the [Hkv * T] key layout
     cu_k = (torch.arange(hkv, device=q.device)[:, None] * tokens + blk_start[None, :-1]).flatten()
     cu_k = torch.cat([cu_k, cu_k.new_tensor([hkv * tokens])]).int()
-    max_q = int(counts.max()) if n else 0
-    return blk_start, rows, cu_q, cu_k, max_q
+    return blk_start, rows, cu_q, cu_k, _chunks(cu_q.tolist(), cu_k.tolist())
+
+
+# FA2's backward indexes its fp32 dq buffer with 32-bit products of (rows + 128 * segments) * heads * 128, so
+# one call must stay well under 2**31 / 128 query rows: the past pass runs in chunks of whole segments.
+CHUNK_ROWS = 8 << 20
+
+
+def _chunks(cu_q: list, cu_k: list) -> list:
+    """[(row range, key range, local cu_q, local cu_k, max_q)] covering all segments, each under CHUNK_ROWS."""
+    out, s0 = [], 0
+    n_seg = len(cu_q) - 1
+    while s0 < n_seg:
+        s1 = s0 + 1
+        while s1 < n_seg and cu_q[s1 + 1] - cu_q[s0] <= CHUNK_ROWS:
+            s1 += 1
+        if cu_q[s1] > cu_q[s0]:
+            max_q = max(b - a for a, b in zip(cu_q[s0:s1], cu_q[s0 + 1:s1 + 1]))
+            out.append(((cu_q[s0], cu_q[s1]), (cu_k[s0], cu_k[s1]), [x - cu_q[s0] for x in cu_q[s0:s1 + 1]],
+                        [x - cu_k[s0] for x in cu_k[s0:s1 + 1]], max_q))
+        s0 = s1
+    return out
 
 
 class VarlenMoba(torch.autograd.Function):
@@ -78,46 +98,60 @@ class VarlenMoba(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, block_size, top_k, scale):
         tokens, hq, dim = q.shape
         hkv = k.shape[1]
-        blk_start, rows, cu_q, cu_k, max_q = _plan(q, k, cu_seqlens, max_seqlen, block_size, top_k)
+        blk_start, rows, cu_q, cu_k, chunks = _plan(q, k, cu_seqlens, max_seqlen, block_size, top_k)
         bmax = min(block_size, max_seqlen)
         out_self, lse_self, st_self = _fwd(q, k, v, blk_start, blk_start, bmax, bmax, True, scale)
         lse = lse_self.t()  # [T, Hq]
         out, ctx.past_state = out_self, None
         if rows.numel():
             kt, vt = (x.transpose(0, 1).reshape(hkv * tokens, 1, dim) for x in (k, v))
-            q_sel = q.reshape(tokens * hq, 1, dim)[rows]
-            out_sel, lse_sel, st_sel = _fwd(q_sel, kt, vt, cu_q, cu_k, max_q, bmax, False, scale)
-            lse_sel = lse_sel[0, : rows.numel()]
+            q_flat = q.reshape(tokens * hq, 1, dim)
+            out_sel = q.new_empty(rows.numel(), dim)
+            lse_sel = torch.empty(rows.numel(), device=q.device, dtype=torch.float32)
+            ctx.past_state = []
+            for (r0, r1), (k0, k1), cq, ck, max_q in chunks:
+                cq, ck = (torch.tensor(x, device=q.device, dtype=torch.int32) for x in (cq, ck))
+                o, l_c, st = _fwd(q_flat[rows[r0:r1]], kt[k0:k1], vt[k0:k1], cq, ck, max_q, bmax, False, scale)
+                out_sel[r0:r1], lse_sel[r0:r1] = o[:, 0], l_c[0, : r1 - r0]
+                ctx.past_state.append(st)
             # merge: lse over own + all selected blocks, then weight every partial output by exp(lse_i - lse)
             flat_lse = lse.reshape(-1).clone()
             mx = flat_lse.clone().scatter_reduce_(0, rows, lse_sel, "amax")
             total = torch.exp(flat_lse - mx).index_add_(0, rows, torch.exp(lse_sel - mx[rows]))
             lse_all = mx + torch.log(total)
             merged = out_self.reshape(-1, dim).float() * torch.exp(flat_lse - lse_all)[:, None]
-            merged.index_add_(0, rows, out_sel[:, 0].float() * torch.exp(lse_sel - lse_all[rows])[:, None])
+            for r0 in range(0, rows.numel(), CHUNK_ROWS):  # bounded fp32 temporaries
+                r = rows[r0:r0 + CHUNK_ROWS]
+                w = torch.exp(lse_sel[r0:r0 + CHUNK_ROWS] - lse_all[r])[:, None]
+                merged.index_add_(0, r, out_sel[r0:r0 + CHUNK_ROWS].float() * w)
             out = merged.to(q.dtype).view(tokens, hq, dim)
             lse = lse_all.view(tokens, hq)
-            ctx.past_state = st_sel
-        ctx.save_for_backward(q, k, v, out, lse, blk_start, rows, cu_q, cu_k)
-        ctx.meta = (bmax, max_q, scale, st_self, rows.numel() > 0)
+        ctx.save_for_backward(q, k, v, out, lse, blk_start, rows)
+        ctx.meta = (bmax, chunks, scale, st_self)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, blk_start, rows, cu_q, cu_k = ctx.saved_tensors
-        bmax, max_q, scale, st_self, has_past = ctx.meta
+        q, k, v, out, lse, blk_start, rows = ctx.saved_tensors
+        bmax, chunks, scale, st_self = ctx.meta
         tokens, hq, dim = q.shape
         hkv = k.shape[1]
         dout = dout.contiguous()
         lse_h = lse.t().contiguous()
         dq, dk, dv = _bwd(dout, q, k, v, out, lse_h, blk_start, blk_start, bmax, bmax, True, scale, st_self)
-        if has_past:
+        if chunks:
             kt, vt = (x.transpose(0, 1).reshape(hkv * tokens, 1, dim) for x in (k, v))
-            sel = lambda x: x.reshape(tokens * hq, 1, dim)[rows]  # noqa: E731
-            lse_sel = lse.reshape(-1)[rows][None].contiguous()
-            dq_s, dk_t, dv_t = _bwd(sel(dout), sel(q), kt, vt, sel(out), lse_sel, cu_q, cu_k, max_q, bmax, False,
-                                    scale, ctx.past_state)
-            dq = dq.reshape(-1, dim).index_add_(0, rows, dq_s[:, 0]).view(tokens, hq, dim)
+            dk_t, dv_t = torch.zeros_like(kt), torch.zeros_like(vt)
+            dq = dq.reshape(-1, dim)
+            flat = lambda x, r: x.reshape(tokens * hq, 1, dim)[r]  # noqa: E731
+            for ((r0, r1), (k0, k1), cq, ck, max_q), st in zip(chunks, ctx.past_state):
+                cq, ck = (torch.tensor(x, device=q.device, dtype=torch.int32) for x in (cq, ck))
+                r = rows[r0:r1]
+                lse_c = lse.reshape(-1)[r][None].contiguous()
+                dq_c, dk_t[k0:k1], dv_t[k0:k1] = _bwd(flat(dout, r), flat(q, r), kt[k0:k1], vt[k0:k1], flat(out, r),
+                                                      lse_c, cq, ck, max_q, bmax, False, scale, st)
+                dq.index_add_(0, r, dq_c[:, 0])
+            dq = dq.view(tokens, hq, dim)
             dk = dk + dk_t.view(hkv, tokens, dim).transpose(0, 1)
             dv = dv + dv_t.view(hkv, tokens, dim).transpose(0, 1)
         return dq, dk, dv, None, None, None, None, None

@@ -19,6 +19,24 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _step(q, K, V, keys, mask_n, live, hk, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
+          MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over one chunk of keys (token indices `keys`); `live` masks scores when MASKED."""
+    kv_off = (keys.to(tl.int64)[:, None] * HKV + hk) * D + tl.arange(0, D)[None, :]
+    k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    if MASKED:
+        s = tl.where(live, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -39,20 +57,15 @@ def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(0, k_len, BLOCK_N):
+    full = k_len - k_len % BLOCK_N
+    for n0 in range(0, full, BLOCK_N):  # whole chunks: no mask
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < k_len
-        kv_off = ((k_start + offs_n).to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _step(q, K, V, k_start + offs_n, offs_n < k_len, None, hk, m_i, l_i, acc, scale_log2,
+                              HKV, D, False, PREC)
+    if full < k_len:  # the short tail of a document's last block
+        offs_n = full + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _step(q, K, V, k_start + offs_n, offs_n < k_len, (offs_n < k_len)[None, :], hk, m_i, l_i,
+                              acc, scale_log2, HKV, D, True, PREC)
 
     acc_ptr = Acc + rows[:, None] * D + offs_d[None, :]
     if not FIRST:  # every row here met an earlier slot, so its state is finite
@@ -88,21 +101,15 @@ def _own_kernel(Q, K, V, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_lo
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    hi = tl.minimum(t0 + BLOCK_M, t_end)
-    # keys before the tile need no causal mask; the diagonal chunk(s) do
-    for n0 in range(k_start, hi, BLOCK_N):
+    for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile: visible to every row (tile_m % BLOCK_N == 0)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_off = (offs_n.to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=(offs_n < hi)[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=(offs_n < hi)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _step(q, K, V, offs_n, offs_n < t0, None, hk, m_i, l_i, acc, scale_log2, HKV, D, False,
+                              PREC)
+    hi = tl.minimum(t0 + BLOCK_M, t_end)
+    for n0 in range(t0, hi, BLOCK_N):  # the diagonal: causal mask
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _step(q, K, V, offs_n, offs_n < hi, offs_n[None, :] <= offs_m[:, None], hk, m_i, l_i, acc,
+                              scale_log2, HKV, D, True, PREC)
 
     if HAS_PAST:  # rows with no past block kept M = -inf; their acc/L were never written
         m_o = tl.load(M + rows, mask=mask_m, other=float("-inf"))
@@ -121,12 +128,12 @@ def _own_kernel(Q, K, V, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_lo
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, scale: float,
-            interpret: bool) -> tuple[Tensor, Tensor]:
+            interpret: bool, cfg: dict | None = None) -> tuple[Tensor, Tensor]:
     """-> out [T, Hq, D] (q's dtype), lse [T, Hq] fp32 (natural log)."""
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_n = 16 if interpret else 64
+    cfg = cfg or ({"BLOCK_N": 16, "num_warps": 4} if interpret else {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
     out = torch.empty_like(q)
     lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     has_past = sum(routes.tiles_per_slot) > 0
@@ -139,13 +146,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
             if n_tiles:
                 _past_kernel[(n_tiles,)](q, k, v, acc, m, l_sum, routes.rows, routes.tiles, tile0, layout.blk_start,
                                          layout.blk_len, scale * LOG2E, layout.n_blocks, HQ=hq, HKV=hkv, D=dim,
-                                         FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m,
-                                         BLOCK_N=block_n, num_warps=4 if interpret else 8, num_stages=2)
+                                         FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg)
             tile0 += n_tiles
     else:
         acc = m = l_sum = lse  # unread placeholders
     _own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, acc, m, l_sum, out, lse, layout.q_tiles, layout.blk_start,
                                                layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
                                                HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
-                                               BLOCK_N=block_n, num_warps=4 if interpret else 8, num_stages=2)
+                                               BLOCK_N=min(64, layout.tile_m), num_warps=4 if interpret else 8,
+                                               num_stages=2)
     return out, lse

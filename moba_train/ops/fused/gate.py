@@ -16,7 +16,7 @@ from moba_train.ops.fused.layout import Layout
 @triton.jit
 def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -40,9 +40,11 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
         mask_b = offs_b < b
         mean = tl.load(Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :],
                        mask=mask_b[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(mean), input_precision="ieee")
+        s = tl.dot(q, tl.trans(mean), input_precision=PREC)
         s = tl.where(mask_b[None, :], s, float("-inf"))
-        for _ in range(TOPK - 1):
+        # insert only when some row has a score above its running (k-1)-th best: rare once the top fills
+        better = tl.sum((tl.max(s, 1) > tl.min(top_v, 1)).to(tl.int32), 0)
+        for _ in range(0, (TOPK - 1) * (better > 0).to(tl.int32)):
             best = tl.max(s, 1)
             arg = tl.argmax(s, 1, tie_break_left=True)
             low = tl.min(top_v, 1)
@@ -60,12 +62,12 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
     tl.store(Out + rows[:, None] * TOPK + slot[None, :], sel, mask=mask_m[:, None] & (slot[None, :] < TOPK))
 
 
-def select(q: Tensor, means: Tensor, layout: Layout, top_k: int) -> Tensor:
+def select(q: Tensor, means: Tensor, layout: Layout, top_k: int, precision: str = "ieee") -> Tensor:
     """q [T, Hq, D] contiguous, means [B, Hkv, D] fp32 -> [T, Hq, top_k] int32 canonical selection."""
     tokens, hq, dim = q.shape
     out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
     grid = (layout.q_tiles.shape[0], hq)
     _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                        HQ=hq, HKV=means.shape[1], D=dim, TOPK=top_k, KP=triton.next_power_of_2(top_k),
-                       BLOCK_M=layout.tile_m, BLOCK_B=32)
+                       BLOCK_M=layout.tile_m, BLOCK_B=32, PREC=precision, num_warps=8)
     return out

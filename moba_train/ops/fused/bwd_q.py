@@ -1,0 +1,96 @@
+"""dQ, query-major over the forward's tiles: each tile of rows recomputes its scores against one block.
+
+Past pass: the tiles of rows routed to (block, KV head), gathered by index; the tile's dQ for that block is
+accumulated in registers over the block's keys and added once (fp32 atomics, one add per row and selected
+block). Own-block pass: contiguous causal tiles; it adds the past part, scales and writes dQ in q's dtype.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, mask_kv, live, hk, HKV: tl.constexpr, D: tl.constexpr,
+              scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    kv_off = (offs_n.to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=mask_kv[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=mask_kv[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:  # rows past the end are never stored, so only key tails and causality mask
+        p = tl.where(live, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
+    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
+    q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
+    do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
+    lse = tl.load(Lse + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + rows, mask=mask_m, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, BlkStart, BlkLen, scale_log2, NB,
+                   HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    r0 = tl.load(Tiles + 3 * tile)
+    n_rows = tl.load(Tiles + 3 * tile + 1)
+    pair = tl.load(Tiles + 3 * tile + 2)
+    hk = pair // NB
+    gb = pair % NB
+    k_start = tl.load(BlkStart + gb)
+    k_len = tl.load(BlkLen + gb)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+    q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    full = k_len - k_len % BLOCK_N
+    for n0 in range(0, full, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        dq = _dq_chunk(q, do, lse, delta, dq, K, V, k_start + offs, offs < k_len, None, hk, HKV, D, scale_log2,
+                       False, PREC)
+    if full < k_len:
+        offs = full + tl.arange(0, BLOCK_N)
+        dq = _dq_chunk(q, do, lse, delta, dq, K, V, k_start + offs, offs < k_len, (offs < k_len)[None, :], hk, HKV,
+                       D, scale_log2, True, PREC)
+    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
+    tl.atomic_add(DQacc + ptrs, dq, mask=mask_m[:, None], sem="relaxed")
+
+
+@triton.jit
+def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, scale, HQ: tl.constexpr,
+                  HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (HQ // HKV)
+    t0 = tl.load(QTiles + 2 * tile)
+    gb = tl.load(QTiles + 2 * tile + 1)
+    k_start = tl.load(BlkStart + gb)
+    t_end = k_start + tl.load(BlkLen + gb)
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < t_end
+    rows = offs_m.to(tl.int64) * HQ + h
+    q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    scale_log2 = scale * 1.4426950408889634
+    for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile (tile_m % BLOCK_N == 0)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dq = _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, offs_n < t0, None, hk, HKV, D, scale_log2, False, PREC)
+    hi = tl.minimum(t0 + BLOCK_M, t_end)
+    for n0 in range(t0, hi, BLOCK_N):  # the diagonal
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dq = _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, offs_n < hi, offs_n[None, :] <= offs_m[:, None], hk, HKV,
+                       D, scale_log2, True, PREC)
+    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
+    if HAS_PAST:
+        dq += tl.load(DQacc + ptrs, mask=mask_m[:, None], other=0.0)
+    tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
