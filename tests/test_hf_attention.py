@@ -246,3 +246,28 @@ def test_hf_generate_script(tmp_path, capsys):
         script.main(["--model", str(tmp_path / "bert"), *common])
     with pytest.raises(SystemExit, match="exceed the model's context"):
         script.main(["--model", str(tmp_path / "llama"), *common[:2], "--prompt-tokens", "600", *common[4:]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_gpu_bf16_prefill_and_decode(path, monkeypatch):
+    """On the GPU: "moba" (fast backend) prefill == "moba_naive"; gated decode == prefill, up to bf16 rounding."""
+    monkeypatch.setattr(hf_decode, "GATHER_FRACTION", 1e9 if path == "gather" else 0.0)
+    register_moba(block_size=64, top_k=3)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
+    cfg._attn_implementation = "moba"
+    hf = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    x = torch.randint(0, 512, (2, 1100), device="cuda")
+    want = hf(x).logits.float()
+    naive = set_attn(hf, "moba_naive")(x).logits.float()
+    scale = want.abs().max().item()
+    assert (want - naive).abs().max().item() < 0.05 * scale
+    set_attn(hf, "moba")
+    cache = DynamicCache(config=hf.config)
+    got = step_logits(hf, x, cache, [1000] + [1] * 100).float()
+    assert (got[:, 1000:] - want[:, 1000:]).abs().max().item() < 0.05 * scale
+    assert (got[:, 1000:].argmax(-1) == want[:, 1000:].argmax(-1)).float().mean() > 0.9
