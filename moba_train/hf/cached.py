@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from moba_train.hf.attend import attend
-from moba_train.hf.routing import doc_block_means, pick_blocks, picked_table, score_blocks
+from moba_train.hf.routing import doc_block_means, score_blocks
+from moba_train.ops.gate import pick_blocks, picked_table
 
 MASK_ELEMENTS = 1 << 27  # queries are processed in chunks whose [B, Hq, Q, L] mask stays below this size
 

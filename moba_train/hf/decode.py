@@ -14,7 +14,8 @@ from torch import Tensor
 from moba_train.hf.attend import attend
 from moba_train.hf.cache_state import cache_of, layer_keys, states_of
 from moba_train.hf.cached import cached_attention
-from moba_train.hf.routing import doc_block_means, pick_blocks, picked_table, score_blocks
+from moba_train.hf.routing import doc_block_means, score_blocks
+from moba_train.ops.gate import pick_blocks, picked_table
 
 # Attend by gathering the selected tokens when the tokens all query heads select are fewer than this fraction of
 # the cache (as KV heads x length); else one masked pass over the whole cache reads less memory.

@@ -26,27 +26,3 @@ def score_blocks(q: Tensor, means: Tensor) -> Tensor:
     hkv = means.shape[1]
     qf = q.float().reshape(batch, hkv, hq // hkv, n_q, dim)
     return torch.einsum("bkgqd,bknd->bkgqn", qf, means).reshape(batch, hq, n_q, means.shape[2])
-
-
-def pick_blocks(scores: Tensor, own: Tensor, top_k: int) -> Tensor:
-    """Selected block ids: scores [..., N] over blocks, own [...] the query's own block -> [..., top_k] long.
-
-    Own block always (last column); the best `top_k - 1` blocks j < own by score; -1 where fewer exist.
-    """
-    n_blocks = scores.shape[-1]
-    own = own.expand(scores.shape[:-1])
-    past = torch.arange(n_blocks, device=scores.device) < own[..., None]
-    scores = scores.masked_fill(~past, float("-inf"))
-    idx = torch.full((*scores.shape[:-1], top_k), -1, dtype=torch.long, device=scores.device)
-    n_pick = min(top_k - 1, n_blocks)
-    if n_pick > 0:
-        val, top = scores.topk(n_pick, dim=-1)
-        idx[..., :n_pick] = torch.where(val > float("-inf"), top, -1)
-    idx[..., -1] = own
-    return idx
-
-
-def picked_table(idx: Tensor, n_blocks: int) -> Tensor:
-    """[..., top_k] selected ids (each < n_blocks, or -1) -> [..., n_blocks + 1] bool; column n_blocks absorbs -1."""
-    table = torch.zeros(*idx.shape[:-1], n_blocks + 1, dtype=torch.bool, device=idx.device)
-    return table.scatter_(-1, torch.where(idx < 0, n_blocks, idx), True)

@@ -28,6 +28,30 @@ def block_means(k: Tensor, block_size: int) -> Tensor:
     return sums / counts[:, None, None]
 
 
+def pick_blocks(scores: Tensor, own: Tensor, top_k: int) -> Tensor:
+    """The routing rule: scores [..., N] over blocks, own [...] the query's own block -> [..., top_k] long.
+
+    Own block always (last column); the best `top_k - 1` blocks j < own by score; -1 where fewer exist.
+    """
+    n_blocks = scores.shape[-1]
+    own = own.expand(scores.shape[:-1])
+    past = torch.arange(n_blocks, device=scores.device) < own[..., None]  # future blocks never compete
+    scores = scores.masked_fill(~past, float("-inf"))
+    idx = torch.full((*scores.shape[:-1], top_k), -1, dtype=torch.long, device=scores.device)
+    n_pick = min(top_k - 1, n_blocks)
+    if n_pick > 0:
+        val, top = scores.topk(n_pick, dim=-1)
+        idx[..., :n_pick] = torch.where(val > float("-inf"), top, -1)
+    idx[..., -1] = own
+    return idx
+
+
+def picked_table(idx: Tensor, n_blocks: int) -> Tensor:
+    """[..., top_k] selected ids (each < n_blocks, or -1) -> [..., n_blocks + 1] bool; column n_blocks absorbs -1."""
+    table = torch.zeros(*idx.shape[:-1], n_blocks + 1, dtype=torch.bool, device=idx.device)
+    return table.scatter_(-1, torch.where(idx < 0, n_blocks, idx.long()), True)
+
+
 @torch.no_grad()
 def select_doc(q: Tensor, k: Tensor, block_size: int, top_k: int) -> Tensor:
     """Block selection for one document: q [L, Hq, D], k [L, Hkv, D] -> [L, Hq, top_k] int32.
@@ -40,20 +64,10 @@ def select_doc(q: Tensor, k: Tensor, block_size: int, top_k: int) -> Tensor:
     n_blocks = means.shape[0]
     # each query head scores the means of its own KV head (GQA without copying K)
     scores = torch.einsum("lkgd,nkd->lkgn", q.float().view(length, hkv, hq // hkv, dim), means)
-    scores = scores.reshape(length, hq, n_blocks)
-    own = torch.arange(length, device=q.device) // block_size  # [L]
-    blocks = torch.arange(n_blocks, device=q.device)
-    past = blocks[None, :] < own[:, None]  # [L, nb]: only blocks entirely in the past compete
-    scores = scores.masked_fill(~past[:, None, :], float("-inf"))
-    n_pick = min(top_k - 1, n_blocks)
-    idx = torch.full((length, hq, top_k), -1, device=q.device, dtype=torch.long)
-    if n_pick > 0:
-        val, top = scores.topk(n_pick, dim=-1)
-        idx[..., :n_pick] = torch.where(val > float("-inf"), top, -1)
-    idx[..., -1] = own[:, None]
+    own = torch.arange(length, device=q.device) // block_size
+    idx = pick_blocks(scores.reshape(length, hq, n_blocks), own[:, None], top_k)
     # canonical order: ascending block index, -1 (none) last
-    key = torch.where(idx < 0, n_blocks, idx)
-    key = key.sort(dim=-1).values
+    key = torch.where(idx < 0, n_blocks, idx).sort(dim=-1).values
     return torch.where(key == n_blocks, -1, key).to(torch.int32)
 
 

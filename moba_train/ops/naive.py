@@ -7,18 +7,14 @@ the [H, L, L] mask nor the scores exist at once and the causal upper triangle is
 import torch
 from torch import Tensor
 
-from moba_train.ops.gate import doc_spans, select_doc
+from moba_train.ops.gate import doc_spans, picked_table, select_doc
 
 QUERY_CHUNK = 512
 
 
 def allowed_keys(idx: Tensor, block_size: int, start: int, end: int) -> Tensor:
     """[H, end - start, end] bool: may query start..end-1 see key j? (selected block and causal)."""
-    length, heads, _ = idx.shape
-    n_blocks = -(-length // block_size)
-    rows = idx[start:end].long()
-    picked = torch.zeros(end - start, heads, n_blocks + 1, dtype=torch.bool, device=idx.device)
-    picked.scatter_(2, torch.where(rows < 0, n_blocks, rows), True)  # -1 lands in a spare column
+    picked = picked_table(idx[start:end], -(-idx.shape[0] // block_size))
     key_block = torch.arange(end, device=idx.device) // block_size
     mask = picked[:, :, key_block].permute(1, 0, 2)
     causal = torch.arange(end, device=idx.device)[None, :] <= torch.arange(start, end, device=idx.device)[:, None]
