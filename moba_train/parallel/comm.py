@@ -107,14 +107,14 @@ def _all_to_all(x: Tensor, group) -> Tensor:
 def _seq_to_heads(x: Tensor, group) -> Tensor:
     world = dist.get_world_size(group)
     tokens, heads, dim = x.shape
-    parts = x.view(tokens, world, heads // world, dim).transpose(0, 1)  # [world, T_l, H/w, D]
+    parts = x.reshape(tokens, world, heads // world, dim).transpose(0, 1)  # [world, T_l, H/w, D]
     return _all_to_all(parts, group).reshape(world * tokens, heads // world, dim)
 
 
 def _heads_to_seq(x: Tensor, group) -> Tensor:
     world = dist.get_world_size(group)
     total, heads, dim = x.shape
-    parts = x.view(world, total // world, heads, dim)  # row r: the tokens of rank r
+    parts = x.reshape(world, total // world, heads, dim)  # row r: the tokens of rank r
     out = _all_to_all(parts, group)  # row r: head group r of our tokens
     return out.transpose(0, 1).reshape(total // world, world * heads, dim)
 

@@ -14,6 +14,7 @@ Runners (installed on every `Attention.runner` by `apply_cp`):
   the whole sequence, all-to-all back.
 """
 
+import logging
 from typing import Optional
 
 import torch
@@ -22,6 +23,8 @@ from torch import Tensor
 from moba_train.model.llama import IGNORE_INDEX, positions_from_cu_seqlens
 from moba_train.parallel.comm import gather_seq, heads_to_seq, seq_to_heads
 from moba_train.parallel.offset_attn import Segment, offset_attn
+
+log = logging.getLogger(__name__)
 
 
 def layout_segments(total: int, cp: int, rank: int, mode: str) -> list[Segment]:
@@ -92,6 +95,11 @@ class CPRunner:
         if self.mode == "ulysses":
             qh, kh, vh = (seq_to_heads(x, self.group) for x in (q, k, v))
             return heads_to_seq(core(qh, kh, vh, cu_seqlens, max_seqlen), self.group)
+        if core.kind == "moba" and q.is_cuda and self.rank == 0 and not getattr(self, "_warned", False):
+            self._warned = True
+            log.warning("parallel.cp_mode=allgather runs MoBA layers with dense reference math (no fused kernel "
+                        "takes a query offset yet): exact but slow at long context; parallel.cp_mode=ulysses "
+                        "uses the fused backend")
         kv = gather_seq(torch.stack((k, v), 1), self.group)  # [cp * T_l, 2, Hkv, D], rank order
         kv = kv[self._inverse(total, kv.device)]  # global order
         segments = layout_segments(total, self.cp, self.rank, self.mode)

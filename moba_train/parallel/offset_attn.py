@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
 
 from moba_train.ops.gate import block_means
 
-QUERY_CHUNK = 1024  # queries per dense MoBA score tile
+QUERY_CHUNK = 1024  # at most this many queries per dense MoBA score tile
+SCORE_BUDGET = 2**27  # and at most this many score entries (queries x keys x heads) per tile
 
 
 @dataclass(frozen=True)
@@ -81,28 +83,41 @@ def picked_blocks(q: Tensor, means: Tensor, q_pos: Tensor, block_size: int, top_
     return picked[..., :n_blocks]
 
 
-def _moba_piece(q: Tensor, k: Tensor, v: Tensor, block_size: int, top_k: int, scale: float) -> Tensor:
-    """q [Lq, Hq, D] are the last Lq positions of one document's keys k, v [Lk, Hkv, D]."""
-    lq, lk = q.shape[0], k.shape[0]
+def _moba_chunk(q: Tensor, k: Tensor, v: Tensor, means: Tensor, first: int, block_size: int, top_k: int,
+                scale: float) -> Tensor:
+    """Queries q [l, Hq, D] at document positions [first, first + l) against keys k, v [first + l, Hkv, D]."""
     group = q.shape[1] // k.shape[1]
+    q_pos = torch.arange(first, first + q.shape[0], device=q.device)
+    picked = picked_blocks(q, means, q_pos, block_size, top_k)  # [l, Hq, nb]
+    key_pos = torch.arange(k.shape[0], device=q.device)
+    mask = picked[:, :, key_pos // block_size] & (key_pos[None, None, :] <= q_pos[:, None, None])
+    wide = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(wide).transpose(0, 1)  # [Hq, l, D]
+    kf = k.to(wide).transpose(0, 1).repeat_interleave(group, 0)
+    vf = v.to(wide).transpose(0, 1).repeat_interleave(group, 0)
+    scores = (qf @ kf.transpose(1, 2)) * scale
+    probs = scores.masked_fill(~mask.transpose(0, 1), float("-inf")).softmax(-1)
+    return (probs @ vf).transpose(0, 1).to(q.dtype)
+
+
+def _moba_piece(q: Tensor, k: Tensor, v: Tensor, block_size: int, top_k: int, scale: float) -> Tensor:
+    """q [Lq, Hq, D] are the last Lq positions of one document's keys k, v [Lk, Hkv, D].
+
+    Query chunks are sized so one score tile stays under SCORE_BUDGET elements; with more than one chunk each
+    is recomputed in the backward (checkpoint), so memory stays bounded at any length.
+    """
+    lq, lk = q.shape[0], k.shape[0]
     means = block_means(k.detach(), block_size)
     first = lk - lq
-    wide = torch.promote_types(q.dtype, torch.float32)
+    rows = max(16, min(QUERY_CHUNK, SCORE_BUDGET // (lk * q.shape[1])))
+    if rows >= lq:
+        return _moba_chunk(q, k, v, means, first, block_size, top_k, scale)
     outs = []
-    for i0 in range(0, lq, QUERY_CHUNK):
-        i1 = min(lq, i0 + QUERY_CHUNK)
-        q_pos = torch.arange(first + i0, first + i1, device=q.device)
-        picked = picked_blocks(q[i0:i1], means, q_pos, block_size, top_k)  # [l, Hq, nb]
-        n_keys = first + i1
-        key_pos = torch.arange(n_keys, device=q.device)
-        mask = picked[:, :, key_pos // block_size] & (key_pos[None, None, :] <= q_pos[:, None, None])
-        qf = q[i0:i1].to(wide).transpose(0, 1)  # [Hq, l, D]
-        kf = k[:n_keys].to(wide).transpose(0, 1).repeat_interleave(group, 0)
-        vf = v[:n_keys].to(wide).transpose(0, 1).repeat_interleave(group, 0)
-        scores = (qf @ kf.transpose(1, 2)) * scale
-        probs = scores.masked_fill(~mask.transpose(0, 1), float("-inf")).softmax(-1)
-        outs.append((probs @ vf).transpose(0, 1).to(q.dtype))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    for i0 in range(0, lq, rows):
+        i1 = min(lq, i0 + rows)
+        outs.append(checkpoint(_moba_chunk, q[i0:i1], k[:first + i1], v[:first + i1], means, first + i0,
+                               block_size, top_k, scale, use_reentrant=False))
+    return torch.cat(outs)
 
 
 def offset_attn(core, q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], cu: list[int]) -> Tensor:
