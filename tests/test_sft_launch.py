@@ -87,6 +87,9 @@ def test_sft_requires_a_checkpoint_and_sft_data(tmp_path):
         config("sft", "+exp=sft_tiny", f"model.init_from={tmp_path}/runs/nope")
     cfg = config("sft", "+exp=sft_hybrid", "model.init_from=null", "data.path=x.jsonl")
     assert cfg.attention.full_attn_last_k == 3 and cfg.data.sft.tokenizer is None
+    for name, exp in (("sft", "+exp=sft_hybrid"), ("config", "+exp=continue_llama")):
+        with pytest.raises(UserError, match="model.init_from is required"):
+            config(name, exp, "data.path=x")
 
 
 def test_continue_llama_from_hf_with_stages(tmp_path, caplog):

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from moba_train.errors import ConfigError
 from moba_train.model import hf
 from moba_train.model.config import AttentionConfig, ModelConfig
 from moba_train.model.hf import CheckpointError
@@ -94,6 +95,7 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     return copied
 
 
+REQUIRED = "REQUIRED"  # configs/model/from_init.yaml: the recipe needs model.init_from
 # Fields that describe the architecture: with `model.init_from` they come from the checkpoint.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 
@@ -145,6 +147,9 @@ def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
     the run's overrides (non-default `model.*` values) on top. DCP checkpoints carry no config: `model.*` is it."""
     if not model_cfg.init_from:
         return model_cfg
+    if model_cfg.init_from == REQUIRED:
+        raise ConfigError("model.init_from is required (model=from_init takes the architecture from a checkpoint): "
+                          "give model.init_from=<HF Llama dir, moba-train checkpoint dir or run dir>")
     path = find_checkpoint(model_cfg.init_from)
     if is_dcp_dir(path):
         return dataclasses.replace(model_cfg, init_from=path)
