@@ -3,8 +3,6 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -99,6 +97,9 @@ def test_round_trip_exact(tmp_path, tie):
     save_consolidated(ours, tmp_path / "ours")
     assert torch.equal(load_pretrained(str(tmp_path / "ours"), FULL).lm_head.weight, ours.lm_head.weight)
     assert convert_script().main(["ours-to-hf", str(tmp_path / "ours"), str(tmp_path / "hf2")]) == 0
+    assert convert_script().main(["hf-to-ours", path, str(tmp_path / "ours2")]) == 0
+    assert load_file(tmp_path / "ours2" / "model.safetensors").keys() == load_file(
+        tmp_path / "ours" / "model.safetensors").keys()
     out2 = load_file(tmp_path / "hf2" / "model.safetensors")
     assert all(torch.equal(src[k], out2[k]) for k in src)
 
@@ -115,7 +116,7 @@ def test_overrides_and_moba(tmp_path):
         from_hf(path, rope_thta=1.0)
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="no such directory"):
         from_hf(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
@@ -144,6 +145,7 @@ def test_clear_errors(tmp_path):
     os.remove(weights)
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
         from_hf(path)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), "hf-to-ours", path,
-                          str(tmp_path / "x")], capture_output=True, text=True)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no model.safetensors" in run.stderr
+    capsys.readouterr()
+    assert convert_script().main(["hf-to-ours", path, str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "no model.safetensors" in err

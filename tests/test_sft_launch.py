@@ -36,9 +36,16 @@ def metrics(out_dir):
 
 def test_sft_tiny_from_tiny_checkpoint(tmp_path):
     tiny = tmp_path / "tiny"
-    train("config", "+exp=tiny", "data.seq_len=256", "data.batch_size=1", "data.num_needles=4",
-          "attention.block_size=32", "train.device=cpu", "train.steps=1", f"train.out_dir={tiny}")
+    trained = train("config", "+exp=tiny", "data.seq_len=256", "data.batch_size=1", "data.num_needles=4",
+                    "attention.block_size=32", "train.device=cpu", "train.steps=1", f"train.out_dir={tiny}")
     assert os.listdir(tiny / "checkpoints") == ["step_00000001"]
+    from moba_train.model.pretrained import init_model
+
+    tiny_cfg = config("sft", "+exp=sft_tiny", f"model.init_from={tiny}")
+    loaded = init_model(tiny_cfg.model, tiny_cfg.attention, "cpu")  # the run dir's newest checkpoint
+    assert loaded.cfg.init_from == str(tiny / "checkpoints" / "step_00000001")
+    for (name, a), (_, b) in zip(trained.model.state_dict().items(), loaded.state_dict().items()):
+        assert a.equal(b), name
     sft = tmp_path / "sft"
     args = ["+exp=sft_tiny", f"model.init_from={tiny}", "data.seq_len=512", "data.batch_size=1",
             "data.sft.num_synthetic=24", "data.sft.overlength=truncate", "attention.block_size=64",
