@@ -6,10 +6,12 @@ document boundaries; a piece of queries at document positions [p0, p1) attends t
 - MoBA: the gate of DESIGN.md evaluated at global positions (block means of the global keys, past blocks
   only, own block always selected, top_k counts it), then softmax attention over the selected blocks.
 
-The MoBA part is plain PyTorch math (dense scores per query chunk; exact, device-agnostic, memory bounded by
-QUERY_CHUNK x document length). The fast path wants a fused kernel entry point taking local queries with
-their global positions (or a query offset per piece) and global K/V: see moba_train/parallel/README notes in
-the issue report.
+The MoBA part is plain PyTorch math (dense scores per query tile, tiles recomputed in the backward): exact and
+device-agnostic, memory bounded by SCORE_BUDGET, but O(local queries x document length) work. The fast path
+needs a fused-kernel entry point that takes the local queries with their global positions and the global K/V:
+    moba_attn_q(q [Tq, Hq, D], k, v [T, Hkv, D], cu_seqlens (global), q_pos [Tq] (global token index),
+                block_size, top_k, scale) -> out [Tq, Hq, D]   (+ dq, dk, dv in the backward)
+i.e. the existing fused layout/gate/routing built from (q_pos, cu_seqlens) instead of assuming q rows == k rows.
 """
 
 from dataclasses import dataclass
