@@ -129,3 +129,16 @@ def test_builtin_long_qa():
     assert ds.stats["kept"] + ds.stats["dropped_overlength"] == 16 and ds.stats["kept"] > 8
     with pytest.raises(SFTDataError, match="unknown built-in"):
         SFTDataset(DataConfig(name="sft", path="builtin:nope"), seed=0)
+
+
+def test_dataset_with_hf_tokenizer(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}, {"prompt": "hello", "response": "world"}])
+    cfg = DataConfig(name="sft", path=path, seq_len=128, sft=SFTDataConfig(tokenizer=tok, shuffle=False))
+    ds = SFTDataset(cfg, seed=0, vocab_size=300)
+    row = ds[0]
+    assert ds.stats["kept"] == 2 and len(ds) == 1 and row["doc_lens"].tolist()[:2] == [len(x) for x, _ in ds.examples]
+    assert int(row["input_ids"][-1]) == ds.template.pad_id  # padding tail, its own document, no loss
+    assert (row["labels"][sum(len(x) for x, _ in ds.examples):] == IGNORE_INDEX).all()
+    with pytest.raises(Exception, match=r"tok. has \d+ tokens but model.vocab_size=260"):
+        SFTDataset(cfg, seed=0, vocab_size=260)
