@@ -94,12 +94,15 @@ def _moba_chunk(q: Tensor, k: Tensor, v: Tensor, means: Tensor, first: int, bloc
     key_pos = torch.arange(k.shape[0], device=q.device)
     mask = picked[:, :, key_pos // block_size] & (key_pos[None, None, :] <= q_pos[:, None, None])
     wide = torch.promote_types(q.dtype, torch.float32)
-    qf = q.to(wide).transpose(0, 1)  # [Hq, l, D]
-    kf = k.to(wide).transpose(0, 1).repeat_interleave(group, 0)
-    vf = v.to(wide).transpose(0, 1).repeat_interleave(group, 0)
-    scores = (qf @ kf.transpose(1, 2)) * scale
+    length, hq, dim = q.shape
+    hkv = k.shape[1]
+    # GQA without copying K, V: the G query heads of a KV head share one matmul
+    qf = q.to(wide).view(length, hkv, group, dim).permute(1, 2, 0, 3).reshape(hkv, group * length, dim)
+    kf, vf = k.to(wide).transpose(0, 1), v.to(wide).transpose(0, 1)  # [Hkv, Lk, D]
+    scores = ((qf @ kf.transpose(1, 2)) * scale).view(hq, length, -1)  # [Hq, l, Lk], head h = kv * G + g
     probs = scores.masked_fill(~mask.transpose(0, 1), float("-inf")).softmax(-1)
-    return (probs @ vf).transpose(0, 1).to(q.dtype)
+    out = probs.view(hkv, group * length, -1) @ vf  # [Hkv, G * l, D]
+    return out.view(hq, length, dim).transpose(0, 1).to(q.dtype)
 
 
 def _moba_piece(q: Tensor, k: Tensor, v: Tensor, block_size: int, top_k: int, scale: float) -> Tensor:
