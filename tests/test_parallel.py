@@ -2,8 +2,6 @@
 
 import socket
 
-import pytest
-import torch
 import torch.multiprocessing as mp
 
 from dist_cp import spawn_main
