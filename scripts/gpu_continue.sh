@@ -7,7 +7,7 @@
 #   STEPS=2 SEQ=1024 DIM=64 LAYERS=4 DEVICE=cpu bash scripts/gpu_continue.sh attention.block_size=256
 set -euo pipefail
 cd "$(dirname "$0")/.."
-work=${OUT:-/tmp}/gpu_continue
+work=${WORK:-/tmp/gpu_continue}  # model + checkpoint (GBs): kept out of $OUT; metrics are copied there
 rm -rf "$work" && mkdir -p "$work"
 STEPS=${STEPS:-12}; SEQ=${SEQ:-32768}; DIM=${DIM:-1024}; LAYERS=${LAYERS:-8}; DEVICE=${DEVICE:-cuda}
 export DIM LAYERS
@@ -35,6 +35,7 @@ torchrun --standalone --nproc_per_node=1 launch/pretrain.py +exp=continue_llama 
   attention.kind=moba attention.block_size=4096 attention.top_k=3 attention.backend=auto \
   attention.full_attn_last_k=3 'attention.schedule=[]' \
   train.device="$DEVICE" train.steps="$STEPS" train.log_every=2 train.warmup_steps=2 train.lr=1e-4 \
-  train.out_dir="$work/run" "$@"
+  train.out_dir="$work/run" "$@" 2>&1 | tr '\r' '\n' | grep -Ev "^train: .*(it/s|s/it)\]$"
 echo "--- metrics ($work/run/metrics.jsonl)"
 cat "$work/run/metrics.jsonl" 2>/dev/null || true
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/gpu_continue" && cp "$work/run/metrics.jsonl" "$OUT/gpu_continue/"; fi
