@@ -4,6 +4,7 @@ YAML files under configs/ hold values; this file holds the schema (unknown keys 
 which turns a bad value into one ConfigError line naming the key and the allowed values.
 """
 
+import re
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
@@ -93,6 +94,14 @@ def validate(cfg: Config) -> None:
                  f"data.seq_len={d.seq_len} is too short for data.num_needles={d.num_needles}")
     elif d.name in ("megatron", "sft"):
         _require(bool(d.path), f"data.path is required for data.name={d.name} (give data.path=...)")
+
+    if d.name == "megatron":
+        _require(re.fullmatch(r"\s*[0-9.]+\s*(,\s*[0-9.]+\s*){0,2}", d.megatron.split) is not None,
+                 f"data.megatron.split={d.megatron.split!r} must be 1 to 3 comma-separated weights (train,valid,test), "
+                 "e.g. '99,1,0'")
+    c = cfg.checkpoint
+    _require(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save only at the end)")
+    _require(c.keep >= 0, f"checkpoint.keep={c.keep} must be >= 0 (0: keep all)")
 
     _one_of("train.device", t.device, DEVICES)
     _one_of("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)

@@ -14,8 +14,8 @@ Older checkpoints beyond `checkpoint.keep` are deleted only after the new one is
 position is a global sample count, so a run may resume at another dp size with the same global batch.
 
 Fault injection for tests: MOBA_TRAIN_CKPT_FAULT=<stage> makes the process die (os._exit(17), like a kill)
-at that stage of a save: `shards` (after the DCP shards, before train/rng state), `manifest` (all files
-written, before the rename).
+at that stage of a save (`<stage>@<step>`: only the save of that step): `shards` (after the DCP shards,
+before train/rng state), `manifest` (all files written, before the rename).
 """
 
 import json
@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import warnings
-from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -37,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from moba_train.errors import UserError
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load (no process group) that it assumes a single process: intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -48,18 +49,10 @@ class CheckpointError(UserError):
     """A missing, incomplete, corrupt or incompatible checkpoint; the message names the file."""
 
 
-def _fault(stage: str) -> None:
-    if os.environ.get(FAULT_ENV) == stage:
+def _fault(stage: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) in (stage, f"{stage}@{step}"):
         log.error("fault injected at checkpoint stage %r", stage)
         os._exit(17)
-
-
-@contextmanager
-def _quiet_single_process():
-    """DCP warns that it assumes a single process when no process group exists: that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _barrier() -> None:
@@ -205,14 +198,13 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         state = {"model": model_state, "optim": optim_state}
         if self.cfg.async_save:
-            future = dcp.async_save(state, checkpoint_id=tmp)
+            future = dcp.async_save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
             self._write_small_files(trainer, tmp, run_info)
             self._pending = (future, tmp, final, step)
             self.last_saved = step
             return final
-        with _quiet_single_process():
-            dcp.save(state, checkpoint_id=tmp)
-        _fault("shards")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        _fault("shards", step)
         self._write_small_files(trainer, tmp, run_info)
         self._publish(tmp, final, step)
         return final
@@ -234,14 +226,15 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(os.path.join(tmp, "manifest.json.part"), os.path.join(tmp, "manifest.json"))
-            _fault("manifest")
+            _fault("manifest", step)
             if os.path.exists(final):  # a re-save of the same step (e.g. after resuming it)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._retain()
         _barrier()
         self.last_saved = step
-        log.info("checkpoint saved: %s", final)
+        if self.is_main:
+            log.info("checkpoint saved: %s", final)
 
     def wait(self) -> None:
         """Finish an async save in flight and publish it."""
@@ -278,8 +271,7 @@ class Checkpointer:
         check_model_shapes(path, model_state)
         state = {"model": model_state, "optim": optim_state}
         try:
-            with _quiet_single_process():
-                dcp.load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         except Exception as e:  # DCP wraps per-rank failures; the manifest check above caught missing files
             raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -305,6 +297,6 @@ class Checkpointer:
         saved = self.load(trainer, path)
         for key, value in (run_info or {}).items():
             if key in saved and saved[key] != value:
-                log.warning("resuming with %s=%r, saved with %r: the data stream differs from the saved run",
-                            key, value, saved[key])
+                log.warning("resuming with %s=%r, saved with %r: sample order or schedule may differ from the "
+                            "saved run", key, value, saved[key])
         return path
