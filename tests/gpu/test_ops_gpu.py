@@ -64,10 +64,11 @@ def test_backend_matches_naive(backend, case):
         assert_close(f"{backend} {name}", a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the split-mean tensor-core path
 @pytest.mark.parametrize("case", GRID, ids=str)
-def test_fused_select_is_exact(case):
+def test_fused_select_is_exact(case, dtype):
     lengths, hq, hkv, dim, block_size, top_k = case
-    q, k, _, cu = packed(lengths, hq, hkv, dim, seed=7, dtype=torch.float32)
+    q, k, _, cu = packed(lengths, hq, hkv, dim, seed=7, dtype=dtype)
     got = moba_select(q, k, cu, max(lengths), block_size, top_k)
     assert torch.equal(got, reference_select(q, k, cu, max(lengths), block_size, top_k))
 

@@ -34,9 +34,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if interpret:
-        cfg = {"kv": {"BLOCK_M": 16, "BLOCK_N": 16}, "dq": {"BLOCK_N": 16}}
+        cfg = {"kv": {"BLOCK_M": 16, "BLOCK_N": 16}, "dq_past": {"BLOCK_N": 16}, "dq_own": {"BLOCK_N": 16}}
     cfg = cfg or {"kv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-                  "dq": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
+                  "dq_past": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+                  "dq_own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
     delta = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(tokens * hq, 64),)](out, do, delta, tokens * hq, D=dim, BLOCK=64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -51,10 +52,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     if has_past:
         dq_past_kernel[(routes.tiles.shape[0],)](q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles,
                                                  layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks,
-                                                 HKV=hkv, D=dim, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq"])
+                                                 HKV=hkv, D=dim, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
     dq = torch.empty_like(q)
     dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles,
                                                  layout.blk_start, layout.blk_len, scale, HQ=hq, HKV=hkv, D=dim,
                                                  HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
-                                                 **{**cfg["dq"], "BLOCK_N": min(cfg["dq"]["BLOCK_N"], layout.tile_m)})
+                                                 **{**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)})
     return dq, dk, dv

@@ -2,7 +2,10 @@
 
 One program per (query tile, query head). Tiles never straddle blocks, so every row of a tile has the same
 candidates (blocks 0..b-1 of its document); the program streams their means in chunks and keeps a running
-top-(k-1) per row in registers. Scores are fp32 (`ieee` dot) so selections match the reference.
+top-(k-1) per row in registers. Scores keep fp32 semantics so selections match the reference: for bf16
+queries each fp32 mean is split into three bf16 parts (together exact to fp32 rounding) and the three
+products run on the tensor cores with fp32 accumulation, since a bf16 x bf16 product is exact in fp32;
+other dtypes take the fp32 `ieee` dot (FMA units, several times slower).
 """
 
 import torch
@@ -16,7 +19,7 @@ from moba_train.ops.fused.layout import Layout
 @triton.jit
 def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -29,7 +32,9 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
     mask_m = offs_m < t_end
     offs_d = tl.arange(0, D)
     rows = offs_m.to(tl.int64) * HQ + h
-    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    if not SPLIT:
+        q = q.to(tl.float32)
 
     slot = tl.arange(0, KP)
     # slots past k-1 hold +inf so they are never the running minimum (never replaced, never selected)
@@ -40,11 +45,20 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
         mask_b = offs_b < b
         mean = tl.load(Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :],
                        mask=mask_b[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(mean), input_precision=PREC)
+        if SPLIT:  # smallest part first
+            hi = mean.to(tl.bfloat16)
+            rest = mean - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            s = tl.dot(q, tl.trans(lo))
+            s = tl.dot(q, tl.trans(mid), s)
+            s = tl.dot(q, tl.trans(hi), s)
+        else:
+            s = tl.dot(q, tl.trans(mean), input_precision="ieee")
         s = tl.where(mask_b[None, :], s, float("-inf"))
-        # insert only when some row has a score above its running (k-1)-th best: rare once the top fills
-        better = tl.sum((tl.max(s, 1) > tl.min(top_v, 1)).to(tl.int32), 0)
-        for _ in range(0, (TOPK - 1) * (better > 0).to(tl.int32)):
+        # insertions needed: at most the largest count, over rows, of scores above the row's running (k-1)-th best
+        above = tl.sum((s > tl.min(top_v, 1)[:, None]).to(tl.int32), 1)
+        for _ in range(0, tl.minimum(tl.max(above, 0), TOPK - 1)):
             best = tl.max(s, 1)
             arg = tl.argmax(s, 1, tie_break_left=True)
             low = tl.min(top_v, 1)
@@ -62,12 +76,13 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
     tl.store(Out + rows[:, None] * TOPK + slot[None, :], sel, mask=mask_m[:, None] & (slot[None, :] < TOPK))
 
 
-def select(q: Tensor, means: Tensor, layout: Layout, top_k: int, precision: str = "ieee") -> Tensor:
+def select(q: Tensor, means: Tensor, layout: Layout, top_k: int, cfg: dict | None = None) -> Tensor:
     """q [T, Hq, D] contiguous, means [B, Hkv, D] fp32 -> [T, Hq, top_k] int32 canonical selection."""
     tokens, hq, dim = q.shape
     out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
     grid = (layout.q_tiles.shape[0], hq)
     _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                        HQ=hq, HKV=means.shape[1], D=dim, TOPK=top_k, KP=triton.next_power_of_2(top_k),
-                       BLOCK_M=layout.tile_m, BLOCK_B=32, PREC=precision, num_warps=8)
+                       BLOCK_M=layout.tile_m, SPLIT=q.dtype == torch.bfloat16 and q.is_cuda,  # interpreter: inexact
+                       **(cfg or {"BLOCK_B": 32, "num_warps": 4}))
     return out
