@@ -134,8 +134,8 @@ def test_changed_model_shape_is_one_clear_error(straight, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate_shard", "missing_train_state", "missing_manifest", "bad_metadata"])
 def test_corrupt_checkpoint_names_the_file(straight, tmp_path, damage):
-    Trainer(config(tmp_path, "train.steps=1")).train()
-    path = tmp_path / "checkpoints" / "step_00000001"
+    Trainer(config(tmp_path, "train.steps=2", "checkpoint.interval=1")).train()
+    path = tmp_path / "checkpoints" / "step_00000002"
     if damage == "truncate_shard":
         victim = path / "__0_0.distcp"
         with open(victim, "r+b") as f:
@@ -150,24 +150,37 @@ def test_corrupt_checkpoint_names_the_file(straight, tmp_path, damage):
         victim = path / ".metadata"
         size = os.path.getsize(victim)
         victim.write_bytes(b"\0" * size)
-    with pytest.raises(UserError, match=str(victim).replace(".", r"\.")):
-        Trainer(config(tmp_path, "train.steps=1"))
+    with pytest.raises(UserError, match=str(victim).replace(".", r"\.")) as err:
+        Trainer(config(tmp_path, "train.steps=2"))
+    assert str(err.value).endswith(f"checkpoint.resume={tmp_path}/checkpoints/step_00000001")
 
 
 def test_two_ranks_resume_on_one(tmp_path):
-    """dp=2 (FSDP2, gloo) saves at step 3; one rank with grad_accum=2 continues like the 2-rank run."""
+    """dp=2 (FSDP2, gloo) on Megatron data saves at step 3; one rank with grad_accum=2 continues like the 2-rank
+    run (same global batch, consumed samples carried over)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py"))
+    prepare_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_data)
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}: " + "abc xyz " * (i % 17)}) + "\n"
+                            for i in range(300)))
+    prepare_data.prepare([str(text)], str(tmp_path / "data"), workers=1, progress=False)
+    data = ["data=megatron", f"data.path={tmp_path / 'data'}", "data.reset_at_eod=true"]
     two = tmp_path / "two"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "launch/pretrain.py", *SMALL, "checkpoint.interval=3", "checkpoint.keep=3", f"train.out_dir={two}"]
+           "launch/pretrain.py", *SMALL, *data, "checkpoint.interval=3", "checkpoint.keep=3", f"train.out_dir={two}"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     one = tmp_path / "one"
-    trainer = Trainer(config(one, "train.grad_accum=2", f"checkpoint.resume={two}/checkpoints/step_00000003"))
+    trainer = Trainer(config(one, *data, "train.grad_accum=2", f"checkpoint.resume={two}/checkpoints/step_00000003"))
     assert trainer.step == 3 and trainer.loader.consumed == 3 * 4
+    assert type(trainer.loader.dataset).__name__ == "MegatronData"
     trainer.train()
     ref, got = losses(two), losses(one)
     assert sorted(got) == [4, 5, 6]

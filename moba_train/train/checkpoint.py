@@ -294,7 +294,13 @@ class Checkpointer:
         self.cleanup_stale()
         if path is None:
             return None
-        saved = self.load(trainer, path)
+        try:
+            saved = self.load(trainer, path)
+        except CheckpointError as err:
+            older = [p for _, p in list_checkpoints(os.path.dirname(path)) if p != path]
+            if self.cfg.resume != "auto" or not older:
+                raise
+            raise CheckpointError(f"{err}; to resume from the previous one: checkpoint.resume={older[-1]}") from None
         for key, value in (run_info or {}).items():
             if key in saved and saved[key] != value:
                 log.warning("resuming with %s=%r, saved with %r: sample order or schedule may differ from the "
