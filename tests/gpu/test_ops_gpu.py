@@ -30,9 +30,11 @@ def run(backend, q, k, v, cu, max_len, block_size, top_k, weight):
     return [out.detach(), *torch.autograd.grad(out, leaves, weight)]
 
 
-def assert_close(name, got, ref):
+def assert_close(name, got, ref, rows=None):
     scale = ref.abs().max().float().clamp_min(1.0)
     got, ref = got.float() / scale, ref.float() / scale
+    if rows is not None:
+        got, ref = got[rows], ref[rows]
     diff = (got - ref).abs()
     assert torch.isfinite(got).all(), name
     assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (name, diff.max().item())
@@ -60,8 +62,13 @@ def test_backend_matches_naive(backend, case):
     weight = torch.randn_like(q)
     ref = run("naive", q.float(), k.float(), v.float(), cu, max(lengths), block_size, top_k, weight.float())
     got = run(backend, q, k, v, cu, max(lengths), block_size, top_k, weight)
+    # a near-tie in the gate may flip one selection under another fp32 summation order; such rows compute a
+    # different (equally valid) function, so out and dq are compared on the rows whose selections agree
+    same = (moba_select(q, k, cu, max(lengths), block_size, top_k)
+            == reference_select(q, k, cu, max(lengths), block_size, top_k)).all(-1)
+    assert same.float().mean() > 0.999
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert_close(f"{backend} {name}", a, b)
+        assert_close(f"{backend} {name}", a, b, same if name in ("out", "dq") else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the split-mean tensor-core path
