@@ -186,3 +186,20 @@ def test_two_ranks_resume_on_one(tmp_path):
     assert sorted(got) == [4, 5, 6]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, got[step], ref[step])
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path):
+    import time
+
+    cmd = [sys.executable, "launch/pretrain.py", *SMALL, "train.steps=100000", f"train.out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = max(losses(tmp_path))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [last]

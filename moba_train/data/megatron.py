@@ -10,6 +10,11 @@ continues the same stream.
 `data.reset_at_eod=true`: each end-of-document token closes a document; the sample carries `doc_lens`
 (-> cu_seqlens: attention and MoBA blocks never cross documents) and positions that restart per document.
 The target after an end-of-document token (the next document's first token) then carries no loss.
+
+Sample indices are cached in `data.megatron.cache_dir` (default `<dir of the first prefix>/index_cache`):
+rank 0 builds them, the other ranks read them after a barrier, so on several nodes it must be a shared
+filesystem (as in Megatron-LM). Reading is synchronous in the training process (memory-mapped; cheap next
+to a long-context step).
 """
 
 import logging
