@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from moba_train.train import checkpoint as ckpt
 from moba_train.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["+exp=tiny", "data.seq_len=128", "data.batch_size=2", "data.num_needles=4", "attention.block_size=32",
+SMALL = ["+exp=tiny", "data.seq_len=128", "data.batch_size=2", "data.num_needles=2", "attention.block_size=32",
          "attention.top_k=2", "attention.backend=naive", "train.device=cpu", "train.log_every=1",
          "train.warmup_steps=2", "train.steps=6", "model.dim=64", "model.ffn_dim=128"]
 register_configs()
@@ -34,6 +33,19 @@ def losses(out_dir):
     for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))):
         assert out.setdefault(r["step"], r["loss"]) == r["loss"], r
     return out
+
+
+def run_group(cmd, timeout=300, env=None):
+    """Run a command in its own process group; on timeout kill the whole group (torchrun workers included)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def stop_after(trainer, n):
@@ -112,7 +124,7 @@ def test_kill_during_save_resumes_from_previous(straight, tmp_path):
     cmd = [sys.executable, "launch/pretrain.py", *SMALL, "attention.backend=naive", "checkpoint.interval=2",
            f"train.out_dir={tmp_path}"]
     env = dict(os.environ, **{ckpt.FAULT_ENV: "shards@4"})
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = run_group(cmd, env=env)
     assert run.returncode == 17, run.stderr[-2000:]
     root = tmp_path / "checkpoints"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
@@ -169,13 +181,9 @@ def test_two_ranks_resume_on_one(tmp_path):
     prepare_data.prepare([str(text)], str(tmp_path / "data"), workers=1, progress=False)
     data = ["data=megatron", f"data.path={tmp_path / 'data'}", "data.reset_at_eod=true"]
     two = tmp_path / "two"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "launch/pretrain.py", *SMALL, *data, "checkpoint.interval=3", "checkpoint.keep=3", f"train.out_dir={two}"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run = run_group(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     one = tmp_path / "one"
     trainer = Trainer(config(one, *data, "train.grad_accum=2", f"checkpoint.resume={two}/checkpoints/step_00000003"))
