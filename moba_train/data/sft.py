@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from moba_train.data.config import DataConfig
+from moba_train.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_SEP, BYTE_VOCAB
 from moba_train.errors import ConfigError, UserError
 from moba_train.model.llama import IGNORE_INDEX
 
@@ -31,9 +32,8 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 OVERLENGTH = ("drop", "truncate")
 BUILTIN_PREFIX = "builtin:"
-# the byte vocabulary of moba_train.data.synthetic: bytes 0..255, then specials
-BOS, EOT, PAD, HEADER = 256, 257, 258, 259
-BYTE_VOCAB = 260
+# the byte vocabulary (moba_train.data.tokenizer): bytes 0..255, then BOS, EOS (our end of turn), PAD, SEP (header)
+BOS, EOT, PAD, HEADER = BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_SEP
 
 
 def check_sft_config(cfg) -> None:
