@@ -4,7 +4,8 @@
     python scripts/convert_hf.py ours-to-hf  CKPT_DIR OUT_DIR [--dtype bfloat16] [--max-shard-gb 5]
 
 CKPT_DIR is a consolidated moba-train dir (config.json + model.safetensors, what hf-to-ours writes) or a
-trainer DCP checkpoint dir (needs --config with the run's model config when the dir does not carry one).
+trainer DCP checkpoint dir; its architecture is the run's model_config.json (<run>/checkpoints/step_N), or
+--config FILE (a yaml/json with a model: section, e.g. <run>/.hydra/config.yaml) for older runs.
 Tokenizer files found next to the weights are copied along. Bad input exits with status 2 and one line.
 """
 
@@ -70,7 +71,11 @@ def load_ours(path: str, dtype, config_path):
         from moba_train.model import AttentionConfig
         from moba_train.model.dcp_import import load_dcp_model
 
-        cfg = model_config_from_run(config_path or find_run_config(path))
+        run_dir = pretrained.find_run_model_config(path)
+        if config_path is None and run_dir is not None:  # the architecture the run recorded
+            cfg = pretrained.read_config(run_dir, pretrained.RUN_MODEL_CONFIG)
+        else:
+            cfg = model_config_from_run(config_path or find_run_config(path))
         cfg.init_from = None
         return load_dcp_model(path, cfg, AttentionConfig(kind="full"), "cpu")
     if pretrained.checkpoint_kind(path) != "ours":

@@ -82,9 +82,14 @@ def test_sft_tiny_from_tiny_checkpoint(tmp_path):
     # a model whose shapes do not match the checkpoint: one clear error naming the checkpoint
     from moba_train.train.trainer import Trainer
 
+    bad = [*args, "model.ffn_dim=512", f"train.out_dir={tmp_path / 'bad'}"]
+    with pytest.raises(UserError, match="tiny/model_config.json: the checkpoint has ffn_dim=384 but the config "
+                                        "sets model.ffn_dim=512"):
+        config("sft", *bad)
+    os.remove(tiny / "model_config.json")  # a run that did not record its architecture: the tensors disagree
     with pytest.raises(UserError, match=r"step_00000001: tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
                                         r"\[384, 128\] but the config gives \[512, 128\]"):
-        Trainer(config("sft", *args, "model.ffn_dim=512", f"train.out_dir={tmp_path / 'bad'}"))
+        Trainer(config("sft", *bad))
 
 
 def test_sft_requires_a_checkpoint_and_sft_data(tmp_path):
@@ -123,3 +128,13 @@ def test_continue_llama_from_hf_with_stages(tmp_path, caplog):
     model = trainer.model
     assert model.cfg.rope_theta == 8e6 and model.cfg.n_layers == 4 and model.cfg.vocab_size == 300
     assert model.attention_kinds() == ["full"] * 4
+    # the next stage (SFT here) starts from the run dir: the architecture comes from its model_config.json
+    from moba_train.model.pretrained import init_model
+
+    nxt = config("sft", "+exp=sft_hybrid", f"model.init_from={tmp_path / 'run'}", "data.path=x",
+                 "attention.full_attn_last_k=2")
+    assert (nxt.model.dim, nxt.model.n_layers, nxt.model.rope_theta) == (64, 4, 8e6)
+    loaded = init_model(nxt.model, nxt.attention, "cpu")
+    assert loaded.attention_kinds() == ["moba", "moba", "full", "full"]
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a.equal(b), name

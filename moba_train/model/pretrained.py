@@ -39,9 +39,9 @@ def checkpoint_kind(path: str) -> str:
     return "ours" if cfg.get("format") == FORMAT else "hf"
 
 
-def read_config(path: str) -> ModelConfig:
-    """The ModelConfig stored in a consolidated checkpoint dir."""
-    config_path = os.path.join(path, hf.CONFIG_FILE)
+def read_config(path: str, file: str = hf.CONFIG_FILE) -> ModelConfig:
+    """The ModelConfig stored in a consolidated checkpoint dir (or in a run dir's model_config.json)."""
+    config_path = os.path.join(path, file)
     data = hf.read_json(config_path)
     if data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{config_path}: not a moba-train checkpoint config (format={data.get('format')!r})")
@@ -120,6 +120,29 @@ def is_dcp_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ".metadata"))
 
 
+RUN_MODEL_CONFIG = "model_config.json"  # <train.out_dir>/model_config.json: the architecture of the run's checkpoints
+
+
+def write_run_model_config(model_cfg: ModelConfig, out_dir: str) -> str:
+    """Record the architecture a run trains (resolved from init_from) next to its checkpoints."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, RUN_MODEL_CONFIG)
+    with open(path + ".part", "w") as f:
+        json.dump({"format": FORMAT, "version": 1, "model": dataclasses.asdict(model_cfg)}, f, indent=2)
+    os.replace(path + ".part", path)
+    return path
+
+
+def find_run_model_config(dcp_path: str) -> Optional[str]:
+    """The run dir holding model_config.json for a DCP checkpoint (<run>/checkpoints/step_N), if any."""
+    here = os.path.abspath(dcp_path)
+    for _ in range(3):
+        if os.path.isfile(os.path.join(here, RUN_MODEL_CONFIG)):
+            return here
+        here = os.path.dirname(here)
+    return None
+
+
 def find_checkpoint(path: str) -> str:
     """A checkpoint dir itself, or the newest DCP checkpoint inside a run dir (largest step number)."""
     if not os.path.isdir(path):
@@ -144,7 +167,8 @@ def find_checkpoint(path: str) -> str:
 
 def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
     """The architecture a run trains: `model.*` itself, or with `model.init_from` the checkpoint's config with
-    the run's overrides (non-default `model.*` values) on top. DCP checkpoints carry no config: `model.*` is it."""
+    the run's overrides (non-default `model.*` values) on top. A DCP checkpoint's architecture is the
+    `model_config.json` of the run that wrote it (or `model.*` itself for runs that did not record one)."""
     if not model_cfg.init_from:
         return model_cfg
     if model_cfg.init_from == REQUIRED:
@@ -152,12 +176,15 @@ def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
                           "give model.init_from=<HF Llama dir, moba-train checkpoint dir or run dir>")
     path = find_checkpoint(model_cfg.init_from)
     if is_dcp_dir(path):
-        return dataclasses.replace(model_cfg, init_from=path)
-    config_path = os.path.join(path, hf.CONFIG_FILE)
-    if checkpoint_kind(path) == "hf":
+        run_dir = find_run_model_config(path)
+        if run_dir is None:  # written before runs recorded their architecture: model.* must describe it
+            return dataclasses.replace(model_cfg, init_from=path)
+        config_path, ckpt_cfg = os.path.join(run_dir, RUN_MODEL_CONFIG), read_config(run_dir, RUN_MODEL_CONFIG)
+    elif checkpoint_kind(path) == "hf":
+        config_path = os.path.join(path, hf.CONFIG_FILE)
         ckpt_cfg = hf.config_from_hf(hf.read_json(config_path), where=config_path)
     else:
-        ckpt_cfg = read_config(path)
+        config_path, ckpt_cfg = os.path.join(path, hf.CONFIG_FILE), read_config(path)
     overrides = _check_shapes(ckpt_cfg, config_overrides(model_cfg), config_path)
     return dataclasses.replace(ckpt_cfg, **overrides, init_from=path)
 

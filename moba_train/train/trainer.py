@@ -15,7 +15,7 @@ from moba_train.config import Config
 from moba_train.data import Loader, build_dataset
 from moba_train.errors import ConfigError
 from moba_train.model import Llama
-from moba_train.model.pretrained import init_model
+from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
 from moba_train.train.metrics import MetricsLogger
 from moba_train.train.optim import build_optimizer, build_scheduler
@@ -48,7 +48,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)
-        self.model = parallelize(build_model(cfg, self.device), cfg, self.dims)
+        model = build_model(cfg, self.device)
+        if self.dims.is_main:  # the architecture of this run's checkpoints (init_from resolved)
+            write_run_model_config(model.cfg, cfg.train.out_dir)
+        self.model = parallelize(model, cfg, self.dims)
         self.stages = TrainingStages(cfg, self.dims.is_main)  # attention.schedule, data.seq_len_schedule
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
