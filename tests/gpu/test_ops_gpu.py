@@ -2,8 +2,9 @@
 
 The reference runs in fp32 on the same bf16 inputs. Tolerances as in the reference repo: allclose 2e-2, max abs
 4e-2, mean abs 4e-4, absolute for tensors whose entries are at most 1, else relative to the largest entry
-(gradients of dK, dV sum over many rows and grow with the sequence). The 128K-token case is too large for the dense reference: there triton is checked against
-varlen (an independent implementation) and its output rows against exact fp32 attention on sampled rows.
+(gradients of dK, dV sum over many rows and grow with the sequence). The 128K-token case is too large for the
+dense reference: there triton is checked against varlen (an independent implementation) and its output rows
+against exact fp32 attention on sampled rows.
 """
 
 import pytest

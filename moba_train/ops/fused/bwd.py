@@ -54,8 +54,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
                                                  layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks,
                                                  HKV=hkv, D=dim, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
     dq = torch.empty_like(q)
+    own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles,
                                                  layout.blk_start, layout.blk_len, scale, HQ=hq, HKV=hkv, D=dim,
-                                                 HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
-                                                 **{**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)})
+                                                 HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
     return dq, dk, dv
