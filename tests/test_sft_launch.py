@@ -138,3 +138,17 @@ def test_continue_llama_from_hf_with_stages(tmp_path, caplog):
     assert loaded.attention_kinds() == ["moba", "moba", "full", "full"]
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert a.equal(b), name
+    # and exports to HF with the recorded architecture
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    assert convert.main(["ours-to-hf", str(tmp_path / "run" / "checkpoints" / "step_00000004"),
+                         str(tmp_path / "hf_out")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out")
+    assert hf.config.rope_parameters["rope_theta"] == 8e6
+    x = torch.randint(0, 300, (1, 40))
+    loaded.set_attention_kinds(["full"] * 4)
+    with torch.no_grad():
+        assert (hf(x).logits - loaded(x)).abs().max() <= 1e-4
