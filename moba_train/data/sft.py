@@ -128,13 +128,15 @@ class HFTemplate:
 
     def __init__(self, path: str):
         if not os.path.isdir(path):
-            raise SFTDataError(f"{path}: no such tokenizer directory (data.sft.tokenizer)")
+            raise SFTDataError(f"{path}: no such tokenizer directory (data.sft.tokenizer: a local HF tokenizer dir "
+                               "or byte)")
         try:
             from transformers import AutoTokenizer
 
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # transformers raises several kinds for a broken dir
-            raise SFTDataError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
+            raise SFTDataError(f"{path}: cannot load a tokenizer for data.sft.tokenizer (give a local HF tokenizer "
+                               f"dir or byte; {type(e).__name__}: {e})".splitlines()[0]) from None
         if not getattr(self.tok, "chat_template", None):
             raise SFTDataError(f"{path}: the tokenizer has no chat_template (tokenizer_config.json / "
                                "chat_template.jinja); use data.sft.tokenizer=byte for the built-in template")
