@@ -87,10 +87,14 @@ def validate(cfg: Config) -> None:
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.name == "synthetic":
-        _require(d.num_needles <= 32 and d.num_needles * d.needle_values <= 192,
+        _require(d.num_needles <= 31 and d.num_needles * d.needle_values <= 128,
                  f"data.num_needles={d.num_needles} x data.needle_values={d.needle_values} must fit the byte "
-                 f"vocabulary (<= 32 groups, <= 192 symbols)")
-        _require(d.seq_len >= 8 * d.num_needles,
+                 f"vocabulary (<= 31 groups, <= 128 symbols)")
+        _require(d.needle_run >= 1, f"data.needle_run={d.needle_run} must be >= 1")
+        shortest = 2 * (d.needle_run + 3)
+        _require(d.min_doc_len == 0 or shortest <= d.min_doc_len <= d.seq_len,
+                 f"data.min_doc_len={d.min_doc_len} must be 0 or in [{shortest}, data.seq_len={d.seq_len}]")
+        _require(d.seq_len >= shortest * d.num_needles,
                  f"data.seq_len={d.seq_len} is too short for data.num_needles={d.num_needles}")
     elif d.name in ("megatron", "sft"):
         _require(bool(d.path), f"data.path is required for data.name={d.name} (give data.path=...)")

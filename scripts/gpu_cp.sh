@@ -28,7 +28,7 @@ timeout 270 torchrun --standalone --nproc_per_node=2 scripts/bench_train.py --cp
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench FAILED"; status=1; }
 
 # 3. (if time is left: the whole script stays under 8 minutes) full attention with the zigzag allgather layout
-left=$((450 - SECONDS))
+left=$((${CP_BUDGET_S:-450} - SECONDS))
 if [ "$left" -gt 90 ]; then
   echo "=== 3. bench: ~1.2B full attention, cp=1 @ 64K vs cp=2 (allgather, zigzag) @ 128K (limit ${left}s)"
   timeout "$left" torchrun --standalone --nproc_per_node=2 scripts/bench_train.py --kind full --cp-mode allgather \

@@ -32,7 +32,9 @@ class DataConfig:
     path: Optional[str] = None  # dataset path / prefix (megatron, sft)
     # synthetic needle-retrieval task (see moba_train/data/synthetic.py)
     num_needles: int = 16  # groups, one hidden needle each, all asked at the end
-    needle_values: int = 12  # values per group: chance loss is ln(needle_values)
+    needle_values: int = 8  # values per group: chance loss is ln(needle_values)
+    needle_run: int = 16  # each needle is written this many times in a row (salient enough to learn fast)
+    min_doc_len: int = 0  # > 0: pack documents of log-uniform lengths in [min_doc_len, seq_len] per row
     # staged sequence lengths: [{at: 0.0, seq_len: 32768}, ...] by fraction of train.steps; each divides seq_len
     # (see moba_train/train/seq_stages.py)
     seq_len_schedule: list[dict[str, Any]] = field(default_factory=list)

@@ -10,8 +10,8 @@ import torch
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack samples; per-sample document lengths (`doc_lens`) become cu_seqlens over the flattened batch."""
     batch = {key: torch.stack([s[key] for s in samples]) for key in ("input_ids", "labels")}
-    if "doc_lens" in samples[0]:
-        lengths = torch.cat([s["doc_lens"] for s in samples])
+    if any("doc_lens" in s for s in samples):  # a sample without doc_lens is one document
+        lengths = torch.cat([s.get("doc_lens", torch.tensor([len(s["input_ids"])])) for s in samples])
         batch["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
     if "positions" in samples[0]:
         batch["positions"] = torch.stack([s["positions"] for s in samples])
