@@ -119,36 +119,27 @@ def _heads_to_seq(x: Tensor, group) -> Tensor:
     return out.transpose(0, 1).reshape(total // world, world * heads, dim)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Reshard(torch.autograd.Function):
+    """Sequence-sharded <-> head-sharded; the backward is the opposite all-to-all."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def seq_to_heads(x: Tensor, group) -> Tensor:
     """[T_local, H, D] sequence-sharded (contiguous layout) -> [T, H / cp, D] head-sharded, global order."""
-    return _SeqToHeads.apply(x, group)
+    return _Reshard.apply(x, group, True)
 
 
 def heads_to_seq(x: Tensor, group) -> Tensor:
     """Inverse of `seq_to_heads`."""
-    return _HeadsToSeq.apply(x, group)
+    return _Reshard.apply(x, group, False)
 
 
 __all__ = ["TIMER", "CommTimer", "gather_seq", "heads_to_seq", "seq_to_heads"]
