@@ -16,15 +16,32 @@ from moba_train.train import checkpoint as ckpt
 from moba_train.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["+exp=tiny", "data.seq_len=128", "data.batch_size=2", "data.num_needles=2", "attention.block_size=32",
+SMALL = ["+exp=tiny", "data.seq_len=128", "data.batch_size=2", "attention.block_size=32",
          "attention.top_k=2", "attention.backend=naive", "train.device=cpu", "train.log_every=1",
          "train.warmup_steps=2", "train.steps=6", "model.dim=64", "model.ffn_dim=128"]
+DATA = []  # data=megatron over a small prepared corpus (the fixture below)
 register_configs()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_data(tmp_path_factory):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py"))
+    prepare_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_data)
+    d = tmp_path_factory.mktemp("data")
+    text = d / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}: " + "abc xyz " * (i % 17)}) + "\n"
+                            for i in range(300)))
+    prepare_data.prepare([str(text)], str(d / "data"), workers=1, progress=False)
+    DATA[:] = ["data=megatron", f"data.path={d / 'data'}", "data.reset_at_eod=true"]
 
 
 def config(out_dir, *overrides):
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=[*SMALL, f"train.out_dir={out_dir}", *overrides]))
+        return to_config(compose(config_name="config", overrides=[*SMALL, *DATA, f"train.out_dir={out_dir}",
+                                                                  *overrides]))
 
 
 def losses(out_dir):
@@ -99,18 +116,20 @@ def test_retention_async_and_explicit_path(straight, tmp_path):
         Trainer(config(tmp_path / "x", f"checkpoint.resume={tmp_path}/nowhere"))
 
 
-def test_crash_before_publish_keeps_previous(straight, tmp_path, monkeypatch):
-    class Killed(Exception):
+@pytest.mark.parametrize("stage", ["metadata", "manifest"])
+def test_crash_before_publish_keeps_previous(straight, tmp_path, monkeypatch, stage):
+    class Killed(BaseException):  # like os._exit: nothing may catch it on the way out
         pass
 
     def die(code):
         raise Killed
 
-    monkeypatch.setenv(ckpt.FAULT_ENV, "manifest@4")
+    monkeypatch.setenv(ckpt.FAULT_ENV, f"{stage}@4")
     monkeypatch.setattr(ckpt.os, "_exit", die)
     trainer = Trainer(config(tmp_path, "checkpoint.interval=2"))
-    with pytest.raises(Killed):
+    with pytest.raises(BaseException) as died:  # DCP re-raises a failure inside its writer as CheckpointException
         trainer.train()
+    assert died.type is Killed or "Killed" in str(died.value)
     monkeypatch.undo()
     root = tmp_path / "checkpoints"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2] and os.path.isdir(root / ".tmp-step_00000004")
@@ -121,7 +140,7 @@ def test_crash_before_publish_keeps_previous(straight, tmp_path, monkeypatch):
 def test_kill_during_save_resumes_from_previous(straight, tmp_path):
     """A real process dies between the shard writes and the rest of the save of step 4."""
     ref = losses(straight[0])
-    cmd = [sys.executable, "launch/pretrain.py", *SMALL, "attention.backend=naive", "checkpoint.interval=2",
+    cmd = [sys.executable, "launch/pretrain.py", *SMALL, *DATA, "checkpoint.interval=2",
            f"train.out_dir={tmp_path}"]
     env = dict(os.environ, **{ckpt.FAULT_ENV: "shards@4"})
     run = run_group(cmd, env=env)
@@ -170,23 +189,13 @@ def test_corrupt_checkpoint_names_the_file(straight, tmp_path, damage):
 def test_two_ranks_resume_on_one(tmp_path):
     """dp=2 (FSDP2, gloo) on Megatron data saves at step 3; one rank with grad_accum=2 continues like the 2-rank
     run (same global batch, consumed samples carried over)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py"))
-    prepare_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare_data)
-    text = tmp_path / "docs.jsonl"
-    text.write_text("".join(json.dumps({"text": f"document {i}: " + "abc xyz " * (i % 17)}) + "\n"
-                            for i in range(300)))
-    prepare_data.prepare([str(text)], str(tmp_path / "data"), workers=1, progress=False)
-    data = ["data=megatron", f"data.path={tmp_path / 'data'}", "data.reset_at_eod=true"]
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "launch/pretrain.py", *SMALL, *data, "checkpoint.interval=3", "checkpoint.keep=3", f"train.out_dir={two}"]
+           "launch/pretrain.py", *SMALL, *DATA, "checkpoint.interval=3", "checkpoint.keep=3", f"train.out_dir={two}"]
     run = run_group(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     one = tmp_path / "one"
-    trainer = Trainer(config(one, *data, "train.grad_accum=2", f"checkpoint.resume={two}/checkpoints/step_00000003"))
+    trainer = Trainer(config(one, "train.grad_accum=2", f"checkpoint.resume={two}/checkpoints/step_00000003"))
     assert trainer.step == 3 and trainer.loader.consumed == 3 * 4
     assert type(trainer.loader.dataset).__name__ == "MegatronData"
     trainer.train()
@@ -199,7 +208,7 @@ def test_two_ranks_resume_on_one(tmp_path):
 def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path):
     import time
 
-    cmd = [sys.executable, "launch/pretrain.py", *SMALL, "train.steps=100000", f"train.out_dir={tmp_path}"]
+    cmd = [sys.executable, "launch/pretrain.py", *SMALL, *DATA, "train.steps=100000", f"train.out_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240

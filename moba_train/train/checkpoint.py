@@ -14,8 +14,9 @@ Older checkpoints beyond `checkpoint.keep` are deleted only after the new one is
 position is a global sample count, so a run may resume at another dp size with the same global batch.
 
 Fault injection for tests: MOBA_TRAIN_CKPT_FAULT=<stage> makes the process die (os._exit(17), like a kill)
-at that stage of a save (`<stage>@<step>`: only the save of that step): `shards` (after the DCP shards,
-before train/rng state), `manifest` (all files written, before the rename).
+at that stage of a save (`<stage>@<step>`: only the save of that step): `metadata` (shard files written,
+DCP's .metadata not), `shards` (DCP complete, train/rng state not written), `manifest` (all files written,
+before the rename).
 """
 
 import json
@@ -53,6 +54,18 @@ def _fault(stage: str, step: int) -> None:
     if os.environ.get(FAULT_ENV) in (stage, f"{stage}@{step}"):
         log.error("fault injected at checkpoint stage %r", stage)
         os._exit(17)
+
+
+class _Writer(dcp.FileSystemWriter):
+    """The DCP filesystem writer, with the `metadata` fault stage: every rank's shards written, no .metadata."""
+
+    def __init__(self, path: str, step: int):
+        super().__init__(path)
+        self.step = step
+
+    def finish(self, metadata, results) -> None:
+        _fault("metadata", self.step)
+        super().finish(metadata, results)
 
 
 def _barrier() -> None:
@@ -203,7 +216,7 @@ class Checkpointer:
             self._pending = (future, tmp, final, step)
             self.last_saved = step
             return final
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        dcp.save(state, storage_writer=_Writer(tmp, step), no_dist=not dist.is_initialized())
         _fault("shards", step)
         self._write_small_files(trainer, tmp, run_info)
         self._publish(tmp, final, step)
