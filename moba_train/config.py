@@ -91,11 +91,11 @@ def validate(cfg: Config) -> None:
                  f"data.num_needles={d.num_needles} x data.needle_values={d.needle_values} must fit the byte "
                  f"vocabulary (<= 31 groups, <= 128 symbols)")
         _require(d.needle_run >= 1, f"data.needle_run={d.needle_run} must be >= 1")
-        shortest = 2 * (d.needle_run + 3)
-        _require(d.min_doc_len == 0 or shortest <= d.min_doc_len <= d.seq_len,
-                 f"data.min_doc_len={d.min_doc_len} must be 0 or in [{shortest}, data.seq_len={d.seq_len}]")
-        _require(d.seq_len >= shortest * d.num_needles,
-                 f"data.seq_len={d.seq_len} is too short for data.num_needles={d.num_needles}")
+        shortest = 2 * (d.needle_run + 3)  # a document with one needle and its question
+        _require(d.min_doc_len == 0 or d.min_doc_len >= shortest,
+                 f"data.min_doc_len={d.min_doc_len} must be 0 or >= {shortest} (2 x (data.needle_run + 3))")
+        _require(d.seq_len >= shortest, f"data.seq_len={d.seq_len} must be >= {shortest} for data.needle_run="
+                                        f"{d.needle_run}")
     elif d.name in ("megatron", "sft"):
         _require(bool(d.path), f"data.path is required for data.name={d.name} (give data.path=...)")
 

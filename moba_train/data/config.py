@@ -31,10 +31,11 @@ class DataConfig:
     batch_size: int = 4  # sequences per micro-batch per data-parallel rank
     path: Optional[str] = None  # dataset path / prefix (megatron, sft)
     # synthetic needle-retrieval task (see moba_train/data/synthetic.py)
-    num_needles: int = 16  # groups, one hidden needle each, all asked at the end
+    num_needles: int = 16  # groups: a document hides one needle of up to this many groups, asks them all at its end
     needle_values: int = 8  # values per group: chance loss is ln(needle_values)
     needle_run: int = 16  # each needle is written this many times in a row (salient enough to learn fast)
     min_doc_len: int = 0  # > 0: pack documents of log-uniform lengths in [min_doc_len, seq_len] per row
+    # (a document of L tokens holds min(num_needles, L // (2 * (needle_run + 3))) needles)
     # staged sequence lengths: [{at: 0.0, seq_len: 32768}, ...] by fraction of train.steps; each divides seq_len
     # (see moba_train/train/seq_stages.py)
     seq_len_schedule: list[dict[str, Any]] = field(default_factory=list)

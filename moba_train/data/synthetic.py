@@ -42,7 +42,7 @@ class NeedleRetrieval:
 
     def _doc_lengths(self, rng: np.random.Generator) -> list[int]:
         """One document per row, or (min_doc_len > 0) several with log-uniform lengths packed into the row."""
-        total, low = self.cfg.seq_len, self.cfg.min_doc_len
+        total, low = self.cfg.seq_len, min(self.cfg.min_doc_len, self.cfg.seq_len)
         if not low:
             return [total]
         lengths = []
