@@ -4,6 +4,7 @@ Loss is the mean over every real (unmasked) token of the global batch (all micro
 ranks): each micro-batch contributes sum(token losses) / global token count.
 """
 
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -30,8 +31,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
