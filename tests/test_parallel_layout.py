@@ -33,10 +33,7 @@ def test_shard_batch_keeps_global_positions_and_documents():
 
 
 @pytest.mark.parametrize("kind", ["moba", "full"])
-@pytest.mark.parametrize("budget", [None, 16 * 40 * 4])  # None: one tile; small: chunked + recomputed
-def test_local_queries_against_global_keys_match_the_whole(kind, budget, monkeypatch):
-    if budget:
-        monkeypatch.setattr(offset, "SCORE_BUDGET", budget)
+def test_local_queries_against_global_keys_match_the_whole(kind):
     q, k, v, cu, max_len = packed([13, 37, 1, 45], 4, 2, 16)
     acfg = AttentionConfig(block_size=8, top_k=3, backend="naive")
     core = MobaCore(acfg) if kind == "moba" else FullCore(acfg)
@@ -48,7 +45,7 @@ def test_local_queries_against_global_keys_match_the_whole(kind, budget, monkeyp
         for rank in range(cp):
             idx = local_index(q.shape[0], cp, rank, "allgather")
             out = offset.offset_attn(core, q[idx], k, v, layout_segments(q.shape[0], cp, rank, "allgather"),
-                                     cu.tolist())
+                                     cu, max_len)
             torch.testing.assert_close(out, want[idx], rtol=1e-10, atol=1e-10)
             outs.append((out * grad[idx]).sum())
         for got, exp in zip(torch.autograd.grad(sum(outs), (q, k, v)), want_grads):

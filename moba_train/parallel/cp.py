@@ -8,13 +8,13 @@ Every rank keeps the global `cu_seqlens` and gets the global positions of its to
 see global positions and document boundaries wherever the shard boundaries fall.
 
 Runners (installed on every `Attention.runner` by `apply_cp`):
-- allgather: all-gather K and V (one collective), attend local queries to global keys (offset_attn), the
-  backward reduce-scatters dK, dV;
+- allgather: all-gather K and V (one collective), attend local queries to global keys (offset_attn: bottom-right
+  causal SDPA for full layers, the single-GPU MoBA op over the global stream for MoBA), the backward
+  reduce-scatters dK, dV;
 - ulysses: all-to-all q, k, v from sequence- to head-sharded, the unchanged single-GPU core (any backend) on
   the whole sequence, all-to-all back.
 """
 
-import logging
 from typing import Optional
 
 import torch
@@ -23,8 +23,6 @@ from torch import Tensor
 from moba_train.model.llama import IGNORE_INDEX, positions_from_cu_seqlens
 from moba_train.parallel.comm import gather_seq, heads_to_seq, seq_to_heads
 from moba_train.parallel.offset_attn import Segment, offset_attn
-
-log = logging.getLogger(__name__)
 
 
 def layout_segments(total: int, cp: int, rank: int, mode: str) -> list[Segment]:
@@ -95,15 +93,10 @@ class CPRunner:
         if self.mode == "ulysses":
             qh, kh, vh = (seq_to_heads(x, self.group) for x in (q, k, v))
             return heads_to_seq(core(qh, kh, vh, cu_seqlens, max_seqlen), self.group)
-        if core.kind == "moba" and q.is_cuda and self.rank == 0 and not getattr(self, "_warned", False):
-            self._warned = True
-            log.warning("parallel.cp_mode=allgather runs MoBA layers with dense reference math (no fused kernel "
-                        "takes a query offset yet): exact but slow at long context; parallel.cp_mode=ulysses "
-                        "uses the fused backend")
         kv = gather_seq(torch.stack((k, v), 1), self.group)  # [cp * T_l, 2, Hkv, D], rank order
         kv = kv[self._inverse(total, kv.device)]  # global order
         segments = layout_segments(total, self.cp, self.rank, self.mode)
-        return offset_attn(core, q, kv[:, 0], kv[:, 1], segments, cu_seqlens.tolist())
+        return offset_attn(core, q, kv[:, 0], kv[:, 1], segments, cu_seqlens, max_seqlen)
 
     def _inverse(self, total: int, device) -> Tensor:
         """Permutation taking the rank-order concatenation of all shards to global token order."""
