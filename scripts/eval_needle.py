@@ -1,0 +1,60 @@
+"""Needle-retrieval eval of a trained run on the embedded task: accuracy, loss and MoBA gate recall by how far
+back the needle sits. Uses the run's own config (<run>/.hydra/config.yaml) and its newest checkpoint.
+
+    python scripts/eval_needle.py --run runs/tiny [--samples 32] [--seed 12345] [--top-k 1]
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from moba_train.config import Config, to_config  # noqa: E402
+from moba_train.errors import UserError  # noqa: E402
+from moba_train.eval import evaluate_needles, summarize  # noqa: E402
+from moba_train.model.pretrained import init_model  # noqa: E402
+
+
+def load_run_config(run: str) -> Config:
+    path = os.path.join(run, ".hydra", "config.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found (--run must be a training run's train.out_dir)")
+    cfg = to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+    if cfg.data.name != "synthetic":
+        raise UserError(f"{path}: data.name={cfg.data.name!r}; this eval needs the synthetic needle task")
+    return cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="train.out_dir of a run on the synthetic task")
+    p.add_argument("--samples", type=int, default=32, help="rows of the task to evaluate")
+    p.add_argument("--seed", type=int, default=12345, help="task seed (differs from training by default)")
+    p.add_argument("--top-k", type=int, default=None, help="evaluate with another attention.top_k")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    try:
+        cfg = load_run_config(args.run)
+        attn = dataclasses.replace(cfg.attention, top_k=args.top_k or cfg.attention.top_k)
+        model = init_model(dataclasses.replace(cfg.model, init_from=args.run), attn, args.device).eval()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    answers = evaluate_needles(model, cfg.data, attn.block_size, args.seed, args.samples, torch.device(args.device))
+    print(f"{args.run}: block_size {attn.block_size}, top_k {attn.top_k}, {len(answers)} answers, "
+          f"chance loss ln({cfg.data.needle_values}) = {math.log(cfg.data.needle_values):.2f}")
+    print("| needle blocks back | answers | accuracy | loss | gate recall per MoBA layer |")
+    print("|---|---|---|---|---|")
+    for row in summarize(answers):
+        recall = " ".join(f"{r:.2f}" for r in row["gate_recall"])
+        print(f"| {row['blocks_back']} | {row['answers']} | {row['accuracy']:.3f} | {row['loss']:.3f} | {recall} |")
+
+
+if __name__ == "__main__":
+    main()
