@@ -40,3 +40,11 @@ def test_bad_input_is_one_clear_line(tmp_path):
 def test_unknown_key_fails_without_traceback(tmp_path):
     run = launch(*SMALL, "attention.topk=3", f"train.out_dir={tmp_path}")
     assert run.returncode != 0 and "topk" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_wandb_offline_logs_without_network(tmp_path):
+    run = launch(*SMALL, "train.steps=2", "logger.wandb.enabled=true", f"train.out_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    offline = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(offline) == 1
+    assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / offline[0]))
