@@ -1,5 +1,13 @@
-"""Tuning experiments for the fused kernels: gate variants and exactness, backward kernels one by one."""
+"""Tile sweeps for the fused MoBA kernels, one stage at a time, on the bench shapes (GPU).
 
+    PYTHONPATH=. python scripts/tune_attention.py --shapes d:128K c:128K a:128K --routing a:512K a:1M
+
+Per shape it times every candidate config of the gate, the forward (past and own-block passes), dK/dV and the
+two dQ passes, checks each candidate's result against the default config's (max abs difference), and prints
+the compiled register and spill counts. `--routing` times the routing alone at large shapes.
+"""
+
+import argparse
 import sys
 
 import torch
@@ -7,13 +15,28 @@ import torch
 from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate
 from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.means import block_means
-from moba_train.ops.fused.routing import build_routes
-from moba_train.ops.gate import moba_select as reference_select
+from moba_train.ops.fused.routing import Routes, build_routes
+from moba_train.ops.fused.tiles import tiles
 
 sys.path.insert(0, "scripts")
 from bench_attention import SHAPES  # noqa: E402
 
 LOG2E = 1.4426950408889634
+HQ, HKV, DIM = 32, 8, 128
+
+GATE = [{"BLOCK_B": 32, "num_warps": 4}, {"BLOCK_B": 16, "num_warps": 4}, {"BLOCK_B": 64, "num_warps": 4},
+        {"BLOCK_B": 64, "num_warps": 8}]
+PAST = [{"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}]
+OWN = [{"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+       {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+       {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}]
+KV = [{"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+      {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
+      {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+      {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}]
+DQ = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+      {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4}, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}]
 
 
 def ms(fn, reps=5):
@@ -28,68 +51,97 @@ def ms(fn, reps=5):
     return ev[0].elapsed_time(ev[1]) / reps
 
 
-def compiled(fn):
+def compiled(kernel):
     return [f"regs={k.n_regs} spills={k.n_spills} smem={k.metadata.shared}"
-            for cache in fn.device_caches.values() for k in cache[0].values()]
+            for cache in kernel.device_caches.values() for k in cache[0].values()]
 
 
-GATE = [{"BLOCK_B": 32, "num_warps": 4}, {"BLOCK_B": 16, "num_warps": 4}]
-KV = [{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-      {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-      {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-      {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-      {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}]
-DQ = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-      {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}, {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}]
-FWD = [{"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-       {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-       {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}]
+def diff(a, b):
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
 
-for name in sys.argv[1:]:
+
+def tune(name):
     tokens, block_size, top_k = SHAPES[name]
-    hq, hkv, dim = 32, 8, 128
-    q, k, v = (torch.randn(tokens, h, dim, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
-    do = torch.randn_like(q)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(tokens, h, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for h in (HQ, HKV, HKV, HQ))
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
-    scale = dim ** -0.5
+    scale = DIM ** -0.5
     layout, idx = selection(q, k, cu, block_size, top_k)
     means = block_means(k, layout)
-    ieee = gate.select(q.float(), means, layout, top_k)
-    print(name, "gate ieee (fp32 q)", f"{ms(lambda: gate.select(q.float(), means, layout, top_k)):.2f} ms")
-    if tokens <= 128 * 1024 and block_size < 4096:
-        ref = reference_select(q, k, cu, tokens, block_size, top_k)
-        print(name, "rows differing: ieee vs torch", int((ieee != ref).any(-1).sum()), "split vs torch",
-              int((idx != ref).any(-1).sum()), "of", ref.shape[0] * ref.shape[1])
-        del ref
     for cfg in GATE:
-        t = ms(lambda: gate.select(q, means, layout, top_k, cfg))
-        print(name, "gate split", cfg, f"{t:.2f} ms")
-    routes = build_routes(idx, layout, hkv, 128)
-    out, lse = fwd.forward(q, k, v, layout, routes, scale, False)
-    delta = torch.empty(tokens, hq, device="cuda", dtype=torch.float32)
-    bwd._delta_kernel[((tokens * hq + 63) // 64,)](out, do, delta, tokens * hq, D=dim, BLOCK=64)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+        same = torch.equal(gate.select(q, means, layout, top_k, cfg), idx)
+        print(name, "gate", cfg, f"{ms(lambda: gate.select(q, means, layout, top_k, cfg)):.2f} ms", "same" if same
+              else "DIFFERENT", flush=True)
+    routes = build_routes(idx, layout, HKV, 128)
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, 128)):.2f} ms", flush=True)
+    default = tiles(block_size, DIM, 2)
+    ref = fwd.forward(q, k, v, layout, routes, scale, False)
+    no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], [])
+    for cfg in OWN:
+        both = {"past": default["past"], "own": cfg}
+        own_ms = ms(lambda: fwd.forward(q, k, v, layout, no_past, scale, False, both))
+        err = diff(fwd.forward(q, k, v, layout, routes, scale, False, both), ref)
+        print(name, "fwd own", cfg, f"{own_ms:.2f} ms", f"diff {err:.1e}", flush=True)
+    for cfg in PAST:
+        both = {"past": cfg, "own": default["own"]}
+        err = diff(fwd.forward(q, k, v, layout, routes, scale, False, both), ref)
+        print(name, "fwd own+past", cfg, f"{ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, both)):.2f} ms",
+              f"diff {err:.1e}", flush=True)
+    out, lse = ref
+    delta = torch.empty(tokens, HQ, device="cuda", dtype=torch.float32)
+    bwd._delta_kernel[((tokens * HQ + 63) // 64,)](out, do, delta, tokens * HQ, D=DIM, BLOCK=64)
+    base = None
     for cfg in KV:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         chunks = layout.key_chunks(cfg["BLOCK_N"])
-        t = ms(lambda: bwd_kv.kv_kernel[(chunks.shape[0], hkv)](
+        run = lambda: bwd_kv.kv_kernel[(chunks.shape[0], HKV)](  # noqa: E731
             q, k, v, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
-            layout.blk_len, scale, layout.n_blocks, max(routes.n_slots, 1), HQ=hq, HKV=hkv, D=dim, PREC="tf32",
-            **cfg))
-        print(name, "bwd kv", cfg, f"{t:.2f} ms")
-    dq_acc = torch.zeros(tokens, hq, dim, device="cuda", dtype=torch.float32)
+            layout.blk_len, scale, layout.n_blocks, max(routes.n_slots, 1), HQ=HQ, HKV=HKV, D=DIM, PREC="tf32",
+            **cfg)
+        t = ms(run)
+        base = base or (dk, dv)
+        print(name, "bwd kv", cfg, f"{t:.2f} ms", f"diff {diff((dk, dv), base):.1e}", flush=True)
+    dq_acc = torch.zeros(tokens, HQ, DIM, device="cuda", dtype=torch.float32)
     dq = torch.empty_like(q)
     for cfg in DQ:
         t1 = ms(lambda: bwd_q.dq_past_kernel[(routes.tiles.shape[0],)](
-            q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles, layout.blk_start, layout.blk_len,
-            scale * LOG2E, layout.n_blocks, HKV=hkv, D=dim, PREC="tf32", BLOCK_M=128, **cfg))
-        t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], hq)](
-            q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, scale, HQ=hq,
-            HKV=hkv, D=dim, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
-        print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms")
-    for cfg in FWD:
-        print(name, "fwd", cfg, f"{ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, cfg)):.2f} ms")
-    print(name, "bwd total", f"{ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False)):.2f} ms")
-    del q, k, v, do, out, lse, dq_acc, dq, routes
-    torch.cuda.empty_cache()
-for fn in (gate._gate_kernel, bwd_kv.kv_kernel, bwd_q.dq_past_kernel, bwd_q.dq_own_kernel, fwd._past_kernel):
-    print(fn.fn.__name__, compiled(fn))
+            q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles, 0, layout.blk_start, layout.blk_len,
+            scale * LOG2E, layout.n_blocks, HKV=HKV, D=DIM, FIRST=False, PREC="tf32", BLOCK_M=128, **cfg))
+        t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
+            q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
+            scale, HQ=HQ,
+            HKV=HKV, D=DIM, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
+        print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
+    print(name, "bwd total (defaults)", f"{ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False)):.2f} ms")
+
+
+def routing_only(name):
+    tokens, block_size, top_k = SHAPES[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(tokens, h, DIM, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (HQ, HKV))
+    cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
+    layout, idx = selection(q, k, cu, block_size, top_k)
+    del q, k
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, 128), reps=3):.1f} ms", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="*", default=["d:128K", "c:128K", "a:128K"])
+    parser.add_argument("--routing", nargs="*", default=[])
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name())
+    for name in args.routing:
+        routing_only(name)
+        torch.cuda.empty_cache()
+    for name in args.shapes:
+        tune(name)
+        torch.cuda.empty_cache()
+    for kernel in (gate._gate_kernel, fwd._past_kernel, fwd._own_kernel, bwd_kv.kv_kernel, bwd_q.dq_past_kernel,
+                   bwd_q.dq_own_kernel):
+        print(kernel.fn.__name__, compiled(kernel))
+
+
+if __name__ == "__main__":
+    main()

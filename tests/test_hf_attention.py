@@ -252,24 +252,28 @@ def test_hf_generate_script(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 @pytest.mark.parametrize("path", ["dense", "gather"])
-def test_gpu_bf16_prefill_and_decode(path, monkeypatch):
-    """On the GPU: "moba" (fast backend) prefill == "moba_naive"; gated decode == prefill, up to bf16 rounding."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_prefill_and_decode(path, dtype, monkeypatch):
+    """On the GPU: "moba" (fused kernels) prefill == "moba_naive"; gated decode == prefill.
+
+    fp32 runs two layers with tight bounds. bf16 runs one layer: with a second layer, bf16 rounding of the first
+    layer's output moves the second layer's gate scores by ~1e-3 and flips its near-tied block choices (random
+    weights make scores nearly tied), so rows would differ by design rather than by a defect.
+    """
     monkeypatch.setattr(hf_decode, "GATHER_FRACTION", 1e9 if path == "gather" else 0.0)
     register_moba(block_size=64, top_k=3)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+    layers, tol = (2, 1e-4) if dtype == torch.float32 else (1, 3e-2)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
     cfg._attn_implementation = "moba"
-    hf = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    hf = LlamaForCausalLM(cfg).to("cuda", dtype).eval()
     x = torch.randint(0, 512, (2, 1100), device="cuda")
     want = hf(x).logits.float()
     naive = set_attn(hf, "moba_naive")(x).logits.float()
     scale = want.abs().max().item()
-    # bf16 rounding flips the gate on rare near-tie rows (a different block, a different row): compare per row
-    row_err = (want - naive).abs().amax(-1)
-    assert (row_err < 0.05 * scale).float().mean() > 0.99
+    assert (want - naive).abs().max().item() < tol * scale
     set_attn(hf, "moba")
     cache = DynamicCache(config=hf.config)
     got = step_logits(hf, x, cache, [1000] + [1] * 100).float()
-    assert ((got[:, 1000:] - want[:, 1000:]).abs().amax(-1) < 0.05 * scale).float().mean() > 0.97
-    assert (got[:, 1000:].argmax(-1) == want[:, 1000:].argmax(-1)).float().mean() > 0.9
+    assert (got[:, 1000:] - want[:, 1000:]).abs().max().item() < tol * scale

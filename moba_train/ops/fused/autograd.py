@@ -25,6 +25,8 @@ def check_supported(q: Tensor) -> None:
     dim = q.shape[-1]
     if dim & (dim - 1) or not 16 <= dim <= 256:
         raise ValueError(f"triton MoBA backend supports head_dim a power of two in [16, 256], got {dim}")
+    if dim * q.element_size() > 512:  # the kernels' shared-memory tiles are sized for rows of at most 512 bytes
+        raise ValueError(f"triton MoBA backend supports {q.dtype} up to head_dim {512 // q.element_size()}, got {dim}")
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError("triton MoBA backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
 

@@ -14,6 +14,7 @@ from moba_train.ops.fused.bwd_kv import kv_kernel
 from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_kernel
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
+from moba_train.ops.fused.tiles import tiles
 
 LOG2E = 1.4426950408889634
 
@@ -33,11 +34,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    if interpret:
-        cfg = {"kv": {"BLOCK_M": 16, "BLOCK_N": 16}, "dq_past": {"BLOCK_N": 16}, "dq_own": {"BLOCK_N": 16}}
-    cfg = cfg or {"kv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-                  "dq_past": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-                  "dq_own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
+    cfg = cfg or tiles(layout.block_size, dim, q.element_size(), interpret)
     delta = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(tokens * hq, 64),)](out, do, delta, tokens * hq, D=dim, BLOCK=64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -48,14 +45,16 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
                                       layout.blk_start, layout.blk_len, scale, layout.n_blocks,
                                       max(routes.n_slots, 1), HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
     has_past = routes.tiles.shape[0] > 0
-    dq_acc = torch.zeros(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
-    if has_past:
-        dq_past_kernel[(routes.tiles.shape[0],)](q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles,
-                                                 layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks,
-                                                 HKV=hkv, D=dim, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
+    dq_acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
+    n_first = routes.tiles_per_slot[0] if has_past else 0  # tiles are ordered by slot
+    for first, tile0, n_tiles in ((True, 0, n_first), (False, n_first, routes.tiles.shape[0] - n_first)):
+        if n_tiles:
+            dq_past_kernel[(n_tiles,)](q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles, tile0,
+                                       layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, HKV=hkv,
+                                       D=dim, FIRST=first, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
     dq = torch.empty_like(q)
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles,
-                                                 layout.blk_start, layout.blk_len, scale, HQ=hq, HKV=hkv, D=dim,
-                                                 HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
+                                                 layout.blk_start, layout.blk_len, layout.blk_local, scale, HQ=hq,
+                                                 HKV=hkv, D=dim, HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
     return dq, dk, dv

@@ -51,18 +51,20 @@ def kv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart,
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634
 
-    # own block: queries at or after the chunk start; only the first tile meets the diagonal (BLOCK_M >= BLOCK_N)
+    # own block: queries at or after the chunk start; the causal mask only matters for the first BLOCK_N rows
+    diag: tl.constexpr = (BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     for g in range(group):
-        for m0 in range(n0, t_end, BLOCK_M):
+        head = hk * group + g
+        for m0 in range(n0, n0 + diag, BLOCK_M):
             tok = m0 + tl.arange(0, BLOCK_M)
             mask_m = tok < t_end
-            rows = tok.to(tl.int64) * HQ + hk * group + g
-            if m0 == n0:
-                dk, dv = _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_log2, D, True,
-                                  PREC)
-            else:
-                dk, dv = _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_log2, D, False,
-                                  PREC)
+            dk, dv = _kv_step(Q, DO, Lse, Delta, tok.to(tl.int64) * HQ + head, mask_m, tok, k, v, dk, dv, offs_n,
+                              scale_log2, D, True, PREC)
+        for m0 in range(n0 + diag, t_end, BLOCK_M):
+            tok = m0 + tl.arange(0, BLOCK_M)
+            mask_m = tok < t_end
+            dk, dv = _kv_step(Q, DO, Lse, Delta, tok.to(tl.int64) * HQ + head, mask_m, tok, k, v, dk, dv, offs_n,
+                              scale_log2, D, False, PREC)
     # later blocks that selected this one
     lo = tl.load(SegStart + (hk * NB + gb) * N_SLOTS)
     hi = tl.load(SegStart + (hk * NB + gb + 1) * N_SLOTS)

@@ -1,8 +1,8 @@
 """dQ, query-major over the forward's tiles: each tile of rows recomputes its scores against one block.
 
 Past pass: the tiles of rows routed to (block, KV head), gathered by index; the tile's dQ for that block is
-accumulated in registers over the block's keys and added once (fp32 atomics, one add per row and selected
-block). Own-block pass: contiguous causal tiles; it adds the past part, scales and writes dQ in q's dtype.
+accumulated in registers over the block's keys and added once per row and selected block: slot 0 stores
+(no zero fill), later slots add with fp32 atomics. Own-block pass: contiguous causal tiles; it adds the past part, scales and writes dQ in q's dtype.
 """
 
 import triton
@@ -36,10 +36,10 @@ def _load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
 
 
 @triton.jit
-def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, BlkStart, BlkLen, scale_log2, NB,
-                   HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
+def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+                   HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tile0 + tl.program_id(0)
     r0 = tl.load(Tiles + 3 * tile)
     n_rows = tl.load(Tiles + 3 * tile + 1)
     pair = tl.load(Tiles + 3 * tile + 2)
@@ -62,11 +62,14 @@ def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, BlkStart, BlkLen
         dq = _dq_chunk(q, do, lse, delta, dq, K, V, k_start + offs, offs < k_len, (offs < k_len)[None, :], hk, HKV,
                        D, scale_log2, True, PREC)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    tl.atomic_add(DQacc + ptrs, dq, mask=mask_m[:, None], sem="relaxed")
+    if FIRST:  # slot 0: a row meets it once, and every row with a past block has one
+        tl.store(DQacc + ptrs, dq, mask=mask_m[:, None])
+    else:
+        tl.atomic_add(DQacc + ptrs, dq, mask=mask_m[:, None], sem="relaxed")
 
 
 @triton.jit
-def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, scale, HQ: tl.constexpr,
+def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, BlkLocal, scale, HQ: tl.constexpr,
                   HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
@@ -91,6 +94,7 @@ def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, 
         dq = _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, offs_n < hi, offs_n[None, :] <= offs_m[:, None], hk, HKV,
                        D, scale_log2, True, PREC)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    if HAS_PAST:
-        dq += tl.load(DQacc + ptrs, mask=mask_m[:, None], other=0.0)
+    if HAS_PAST:  # rows of a document's first block have no past part (DQacc never written there)
+        live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))
+        dq += tl.load(DQacc + ptrs, mask=live[:, None], other=0.0)
     tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])

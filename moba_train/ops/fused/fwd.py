@@ -14,6 +14,7 @@ from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
+from moba_train.ops.fused.tiles import tiles
 
 LOG2E = 1.4426950408889634
 
@@ -133,7 +134,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    cfg = cfg or ({"BLOCK_N": 16, "num_warps": 4} if interpret else {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
+    cfg = cfg or tiles(layout.block_size, dim, q.element_size(), interpret)
     out = torch.empty_like(q)
     lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     has_past = sum(routes.tiles_per_slot) > 0
@@ -146,13 +147,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
             if n_tiles:
                 _past_kernel[(n_tiles,)](q, k, v, acc, m, l_sum, routes.rows, routes.tiles, tile0, layout.blk_start,
                                          layout.blk_len, scale * LOG2E, layout.n_blocks, HQ=hq, HKV=hkv, D=dim,
-                                         FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg)
+                                         FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
             tile0 += n_tiles
     else:
         acc = m = l_sum = lse  # unread placeholders
+    own_cfg = {**cfg["own"], "BLOCK_N": min(cfg["own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     _own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, acc, m, l_sum, out, lse, layout.q_tiles, layout.blk_start,
                                                layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
-                                               HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
-                                               BLOCK_N=min(64, layout.tile_m), num_warps=4 if interpret else 8,
-                                               num_stages=2)
+                                               HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
     return out, lse

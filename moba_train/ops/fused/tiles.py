@@ -1,0 +1,28 @@
+"""Tile configs of the fused kernels, in one place.
+
+Tuned on an H100 at head_dim 128 in bf16 (scripts/tune_attention.py; docs/kernels.md has the sweeps). Wider rows
+(fp32, or head_dim 256) take smaller chunks and fewer stages so the pipelined buffers stay within Hopper's
+227 KiB of shared memory; the interpreter takes the smallest tiles that keep its runs short.
+"""
+
+
+def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -> dict:
+    if interpret:  # kv: rows < keys on purpose, so CI covers the diagonal walk with more than one row tile
+        return {"past": {"BLOCK_N": 16}, "own": {"BLOCK_N": 16}, "kv": {"BLOCK_M": 16, "BLOCK_N": 32},
+                "dq_past": {"BLOCK_N": 16}, "dq_own": {"BLOCK_N": 16}}
+    width = dim * elem_bytes
+    if width <= 256:
+        wide_keys = block_size >= 128  # 128-key chunks would half-mask 64-token blocks
+        return {
+            "past": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 8, "num_stages": 3},
+            "own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+            "kv": ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} if wide_keys else
+                   {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
+            "dq_past": ({"BLOCK_N": 64, "num_warps": 8, "num_stages": 3} if block_size >= 2048 else
+                        {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
+            "dq_own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        }
+    return {"past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}, "own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+            "kv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+            "dq_past": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+            "dq_own": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}}
