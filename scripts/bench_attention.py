@@ -18,6 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moba_train.ops import moba_attn
 from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.fwd import forward
+from moba_train.ops.fused.gate import select
+from moba_train.ops.fused.layout import build_layout, query_tile
+from moba_train.ops.fused.means import block_means
 from moba_train.ops.fused.routing import Routes, build_routes
 
 K = 1024
@@ -93,7 +96,8 @@ def time_iters(fn, args, do, budget_s=2.0):
 
 
 def stages(q, k, v, cu, block_size, top_k, scale):
-    """Triton forward stage times (ms): gate (means + select), routing, own-block pass, past-block pass."""
+    """Triton forward stage times (ms): layout tables (host), gate (block means + scores + top-k), routing,
+    own-block pass, past-block pass."""
     def ms(fn, reps=5):
         fn()
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -104,12 +108,13 @@ def stages(q, k, v, cu, block_size, top_k, scale):
         torch.cuda.synchronize()
         return ev[0].elapsed_time(ev[1]) / reps, res
 
-    gate_ms, (layout, idx) = ms(lambda: selection(q, k, cu, block_size, top_k))
+    layout_ms, layout = ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
+    gate_ms, idx = ms(lambda: select(q, block_means(k, layout), layout, top_k))
     route_ms, routes = ms(lambda: build_routes(idx, layout, k.shape[1], 128))
     no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], [])
     own_ms, _ = ms(lambda: forward(q, k, v, layout, no_past, scale, False))
     attn_ms, _ = ms(lambda: forward(q, k, v, layout, routes, scale, False))
-    return {"gate": gate_ms, "routing": route_ms, "own+merge": own_ms, "past": attn_ms - own_ms}
+    return {"layout": layout_ms, "gate": gate_ms, "routing": route_ms, "own+merge": own_ms, "past": attn_ms - own_ms}
 
 
 def main():
@@ -148,7 +153,10 @@ def main():
             print(" | ".join(map(str, rows[-1])), flush=True)
         if "triton" in args.backends and not args.no_stages:
             st = stages(q, k, v, cu, block_size, top_k, dim ** -0.5)
-            stage_rows.append((name, *(f"{st[s]:.2f}" for s in ("gate", "routing", "own+merge", "past"))))
+            total = next((float(r[5]) for r in rows if r[0] == name and r[3] == "triton" and r[5] != "OOM"), None)
+            share = f"{100 * st['gate'] / total:.1f}%" if total else "-"
+            stage_rows.append((name, *(f"{st[s]:.2f}" for s in ("layout", "gate", "routing", "own+merge", "past")),
+                               share))
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -157,8 +165,9 @@ def main():
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
     if stage_rows:
-        print("\ntriton forward stages (ms)\n\n| shape | gate | routing | own block + merge | past blocks |")
-        print("|---|---|---|---|---|")
+        print("\ntriton forward stages (ms)\n\n| shape | layout (host) | gate | routing | own block + merge | past blocks "
+              "| gate / triton fwd+bwd |")
+        print("|---|---|---|---|---|---|---|")
         for r in stage_rows:
             print("| " + " | ".join(r) + " |")
 

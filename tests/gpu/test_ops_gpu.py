@@ -59,7 +59,7 @@ GRID = [  # (doc lengths, Hq, Hkv, head_dim, block_size, top_k)
 EXTRA = [(((8192,), 4, 2, 64, 64, 64), torch.bfloat16), (((1500, 2600), 8, 2, 128, 256, 4), torch.float16)]
 
 
-@pytest.mark.parametrize("case", [GRID[0], GRID[3]], ids=str)
+@pytest.mark.parametrize("case", [GRID[0]], ids=str)
 def test_triton_fp32_matches_naive(case):
     """fp32 takes the `ieee` dots and the narrow tile configs (rows of 512 bytes at head_dim 128)."""
     lengths, hq, hkv, dim, block_size, top_k = case
