@@ -55,8 +55,9 @@ GRID = [  # (doc lengths, Hq, Hkv, head_dim, block_size, top_k)
 ]
 
 
-# fp16, and top_k 64 over 128 blocks
-EXTRA = [(((8192,), 4, 2, 64, 64, 64), torch.bfloat16), (((1500, 2600), 8, 2, 128, 256, 4), torch.float16)]
+# fp16, top_k 64 over 128 blocks, 4096-token blocks
+EXTRA = [(((8192,), 4, 2, 64, 64, 64), torch.bfloat16), (((1500, 2600), 8, 2, 128, 256, 4), torch.float16),
+         (((9000, 4100), 8, 2, 128, 4096, 3), torch.bfloat16)]  # the tile configs of 4096-blocks
 
 
 @pytest.mark.parametrize("case", [GRID[0]], ids=str)
