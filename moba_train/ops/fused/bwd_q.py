@@ -8,6 +8,8 @@ accumulated in registers over the block's keys and added once per row and select
 import triton
 import triton.language as tl
 
+from moba_train.ops.fused.layout import own_tile, past_tile
+
 
 @triton.jit
 def _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, mask_kv, live, hk, HKV: tl.constexpr, D: tl.constexpr,
@@ -40,16 +42,7 @@ def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart,
                    HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
-    r0 = tl.load(Tiles + 3 * tile)
-    n_rows = tl.load(Tiles + 3 * tile + 1)
-    pair = tl.load(Tiles + 3 * tile + 2)
-    hk = pair // NB
-    gb = pair % NB
-    k_start = tl.load(BlkStart + gb)
-    k_len = tl.load(BlkLen + gb)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_rows
-    rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+    hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full = k_len - k_len % BLOCK_N
@@ -75,13 +68,7 @@ def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, 
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
-    t0 = tl.load(QTiles + 2 * tile)
-    gb = tl.load(QTiles + 2 * tile + 1)
-    k_start = tl.load(BlkStart + gb)
-    t_end = k_start + tl.load(BlkLen + gb)
-    offs_m = t0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < t_end
-    rows = offs_m.to(tl.int64) * HQ + h
+    t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ, BLOCK_M)
     q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634

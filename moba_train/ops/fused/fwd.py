@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_train.ops.fused.layout import Layout
+from moba_train.ops.fused.layout import Layout, own_tile, past_tile
 from moba_train.ops.fused.routing import Routes
 from moba_train.ops.fused.tiles import tiles
 
@@ -42,16 +42,7 @@ def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
-    r0 = tl.load(Tiles + 3 * tile)
-    n_rows = tl.load(Tiles + 3 * tile + 1)
-    pair = tl.load(Tiles + 3 * tile + 2)
-    hk = pair // NB
-    gb = pair % NB
-    k_start = tl.load(BlkStart + gb)
-    k_len = tl.load(BlkLen + gb)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_rows
-    rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+    hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
 
@@ -89,13 +80,7 @@ def _own_kernel(Q, K, V, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_lo
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
-    t0 = tl.load(QTiles + 2 * tile)
-    gb = tl.load(QTiles + 2 * tile + 1)
-    k_start = tl.load(BlkStart + gb)
-    t_end = k_start + tl.load(BlkLen + gb)
-    offs_m = t0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < t_end
-    rows = offs_m.to(tl.int64) * HQ + h
+    t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_train.ops.fused.layout import Layout
+from moba_train.ops.fused.layout import Layout, own_tile
 
 
 @triton.jit
@@ -23,15 +23,10 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
-    t0 = tl.load(QTiles + 2 * tile)
-    gb = tl.load(QTiles + 2 * tile + 1)
+    t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ, BLOCK_M)
     b = tl.load(BlkLocal + gb)
     first = gb - b  # global index of the document's block 0
-    t_end = tl.load(BlkStart + gb) + tl.load(BlkLen + gb)
-    offs_m = t0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < t_end
     offs_d = tl.arange(0, D)
-    rows = offs_m.to(tl.int64) * HQ + h
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
     if not SPLIT:
         q = q.to(tl.float32)

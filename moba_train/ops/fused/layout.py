@@ -7,6 +7,8 @@ to its document through `first` (global index of the document's block 0).
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -57,3 +59,28 @@ def build_layout(cu_seqlens: Tensor, block_size: int, tile_m: int, device: torch
     dev = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
     return Layout(block_size, len(blk_len), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles), tile_m,
                   blk_start, blk_len)
+
+
+@triton.jit
+def own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Kernel side of `q_tiles`: (first token, global block, block start, block end, tokens, mask, row ids)."""
+    t0 = tl.load(QTiles + 2 * tile)
+    gb = tl.load(QTiles + 2 * tile + 1)
+    k_start = tl.load(BlkStart + gb)
+    t_end = k_start + tl.load(BlkLen + gb)
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < t_end
+    return t0, gb, k_start, t_end, offs_m, mask_m, offs_m.to(tl.int64) * HQ + h
+
+
+@triton.jit
+def past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M: tl.constexpr):
+    """Kernel side of `Routes.tiles`: (KV head, first key and length of the block, mask, row ids) of a row tile."""
+    r0 = tl.load(Tiles + 3 * tile)
+    n_rows = tl.load(Tiles + 3 * tile + 1)
+    pair = tl.load(Tiles + 3 * tile + 2)
+    gb = pair % NB
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+    return pair // NB, tl.load(BlkStart + gb), tl.load(BlkLen + gb), mask_m, rows
