@@ -1,0 +1,89 @@
+"""Registers, spills and shared memory of the fused kernels, compiled for Hopper (sm_90a) without a GPU.
+
+Compiles each kernel at the tile configs `tiles()` picks and runs Triton's bundled ptxas on the result, so spills
+and shared-memory overflows show up before any GPU time is spent. Match the GPU machine's Triton for the same
+code generation (e.g. `pip install --target /tmp/t36 triton==3.6.0` and put /tmp/t36 first on PYTHONPATH).
+
+    PYTHONPATH=. python scripts/kernel_regs.py --dtype bf16 --dim 128 --block-size 2048
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moba_train.ops.fused import bwd_kv, bwd_q, fwd, gate
+from moba_train.ops.fused.tiles import tiles
+
+SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
+
+
+def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int) -> tuple[int, int, int]:
+    """-> (registers per thread, spill bytes, shared bytes) of one specialisation."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        signature[name] = "constexpr" if name in consts else types[name]
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    return regs, spills, compiled.metadata.shared
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=2048)
+    parser.add_argument("--heads", type=int, nargs=2, default=(32, 8))
+    args = parser.parse_args()
+    hq, hkv = args.heads
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    prec = "ieee" if elem == 4 else "tf32"
+    cfg = tiles(args.block_size, args.dim, elem)
+    types = {n: f"*{args.dtype}" for n in ("Q", "K", "V", "DO", "DK", "DV", "Out", "DQ")}
+    types.update({n: "*fp32" for n in ("Lse", "Delta", "Acc", "M", "L", "Means", "DQacc")})
+    types.update({n: "*i32" for n in ("Rows", "SegStart", "Chunks", "BlkStart", "BlkLen", "Tiles", "QTiles",
+                                      "BlkLocal")})
+    types.update(scale="fp32", scale_log2="fp32", NB="i32", N_SLOTS="i32", tile0="i32")
+    heads = dict(HQ=hq, HKV=hkv, D=args.dim, PREC=prec)
+    tile_m = 128
+    cases = [
+        ("forward past", fwd._past_kernel, {**heads, "BLOCK_M": 128, "FIRST": False}, cfg["past"]),
+        ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["own"]),
+        ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
+        ("dQ past", bwd_q.dq_past_kernel, {"HKV": hkv, "D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False},
+         cfg["dq_past"]),
+        ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["dq_own"]),
+    ]
+    print(f"sm_90a, triton {triton.__version__}, {args.dtype}, D={args.dim}, block {args.block_size}, Hq={hq} Hkv={hkv}")
+    print("| kernel | config | registers | spill bytes | shared KiB | fits |\n|---|---|---|---|---|---|")
+    for name, kernel, consts, launch in cases:
+        launch = dict(launch)
+        warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
+        regs, spills, shared = report(kernel, types, {**consts, **launch}, warps, stages)
+        print(f"| {name} | {launch} w{warps} s{stages} | {regs} | {spills} | {shared / 1024:.0f} | "
+              f"{'yes' if shared <= SMEM_LIMIT else 'NO'} |")
+    if args.dtype != "fp32":
+        gate_types = {**types, "Out": "*i32"}
+        consts = dict(HQ=hq, HKV=hkv, D=args.dim, TOPK=3, KP=4, BLOCK_M=tile_m, BLOCK_B=32, SPLIT=True)
+        regs, spills, shared = report(gate._gate_kernel, gate_types, consts, 4, 2)
+        print(f"| gate (top_k 3) | BLOCK_B 32 w4 | {regs} | {spills} | {shared / 1024:.0f} | yes |")
+
+
+if __name__ == "__main__":
+    main()
