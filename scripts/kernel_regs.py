@@ -37,8 +37,11 @@ def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int) -
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(compiled.asm["ptx"])
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True).stderr
+        done = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: ptxas of triton {triton.__version__} failed: {done.stderr.strip()[:300]}")
+    log = done.stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     return regs, spills, compiled.metadata.shared
