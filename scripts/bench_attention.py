@@ -165,8 +165,8 @@ def main():
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
     if stage_rows:
-        print("\ntriton forward stages (ms)\n\n| shape | layout (host) | gate | routing | own block + merge | past blocks "
-              "| gate / triton fwd+bwd |")
+        print("\ntriton forward stages (ms)\n\n| shape | layout (host) | gate | routing | own block + merge "
+              "| past blocks | gate / triton fwd+bwd |")
         print("|---|---|---|---|---|---|---|")
         for r in stage_rows:
             print("| " + " | ".join(r) + " |")

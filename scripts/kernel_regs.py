@@ -73,7 +73,8 @@ def main():
          cfg["dq_past"]),
         ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["dq_own"]),
     ]
-    print(f"sm_90a, triton {triton.__version__}, {args.dtype}, D={args.dim}, block {args.block_size}, Hq={hq} Hkv={hkv}")
+    print(f"sm_90a, triton {triton.__version__}, {args.dtype}, D={args.dim}, block {args.block_size}, "
+          f"Hq={hq} Hkv={hkv}")
     print("| kernel | config | registers | spill bytes | shared KiB | fits |\n|---|---|---|---|---|---|")
     for name, kernel, consts, launch in cases:
         launch = dict(launch)

@@ -86,8 +86,8 @@ def tune(name):
     for cfg in PAST:
         both = {"past": cfg, "own": default["own"]}
         err = diff(fwd.forward(q, k, v, layout, routes, scale, False, both), ref)
-        print(name, "fwd own+past", cfg, f"{ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, both)):.2f} ms",
-              f"diff {err:.1e}", flush=True)
+        t = ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, both))
+        print(name, "fwd own+past", cfg, f"{t:.2f} ms", f"diff {err:.1e}", flush=True)
     out, lse = ref
     delta = torch.empty(tokens, HQ, device="cuda", dtype=torch.float32)
     bwd._delta_kernel[((tokens * HQ + 63) // 64,)](out, do, delta, tokens * HQ, D=DIM, BLOCK=64)
@@ -110,10 +110,10 @@ def tune(name):
             scale * LOG2E, layout.n_blocks, HKV=HKV, D=DIM, FIRST=False, PREC="tf32", BLOCK_M=128, **cfg))
         t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
             q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
-            scale, HQ=HQ,
-            HKV=HKV, D=DIM, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
+            scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
-    print(name, "bwd total (defaults)", f"{ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False)):.2f} ms")
+    t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))
+    print(name, "bwd total (defaults)", f"{t:.2f} ms")
 
 
 def routing_only(name):

@@ -56,5 +56,6 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles,
                                                  layout.blk_start, layout.blk_len, layout.blk_local, scale, HQ=hq,
-                                                 HKV=hkv, D=dim, HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
+                                                 HKV=hkv, D=dim, HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
+                                                 **own_cfg)
     return dq, dk, dv

@@ -2,7 +2,8 @@
 
 Past pass: the tiles of rows routed to (block, KV head), gathered by index; the tile's dQ for that block is
 accumulated in registers over the block's keys and added once per row and selected block: slot 0 stores
-(no zero fill), later slots add with fp32 atomics. Own-block pass: contiguous causal tiles; it adds the past part, scales and writes dQ in q's dtype.
+(no zero fill), later slots add with fp32 atomics. Own-block pass: contiguous causal tiles; it adds the past
+part, scales and writes dQ in q's dtype.
 """
 
 import triton

@@ -22,7 +22,8 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
             "dq_own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
         }
-    return {"past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}, "own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    return {"past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+            "own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
             "kv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
             "dq_past": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
             "dq_own": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}}
