@@ -16,7 +16,7 @@ from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate
 from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.means import block_means
 from moba_train.ops.fused.routing import Routes, build_routes
-from moba_train.ops.fused.tiles import tiles
+from moba_train.ops.fused.tiles import kv_desc, tiles
 
 sys.path.insert(0, "scripts")
 from bench_attention import SHAPES  # noqa: E402
@@ -105,11 +105,12 @@ def tune(name):
     dq_acc = torch.zeros(tokens, HQ, DIM, device="cuda", dtype=torch.float32)
     dq = torch.empty_like(q)
     for cfg in DQ:
+        kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
         t1 = ms(lambda: bwd_q.dq_past_kernel[(routes.tiles.shape[0],)](
-            q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles, 0, layout.blk_start, layout.blk_len,
+            q, kd, vd, do, lse, delta, dq_acc, routes.rows, routes.tiles, 0, layout.blk_start, layout.blk_len,
             scale * LOG2E, layout.n_blocks, HKV=HKV, D=DIM, FIRST=False, PREC="tf32", BLOCK_M=128, **cfg))
         t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
-            q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
+            q, kd, vd, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
             scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
     t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))

@@ -31,6 +31,11 @@ def check_supported(q: Tensor) -> None:
         raise RuntimeError("triton MoBA backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
 
 
+def aligned(x: Tensor) -> Tensor:
+    """TMA descriptors of K and V need 16-byte aligned bases; a view into a foreign buffer may not be."""
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def selection(q: Tensor, k: Tensor, cu_seqlens: Tensor, block_size: int, top_k: int):
     """Layout and canonical selection [T, Hq, top_k] of one call (no gradient)."""
     layout = build_layout(cu_seqlens, block_size, query_tile(block_size, interpreting()), q.device)
@@ -40,7 +45,7 @@ def selection(q: Tensor, k: Tensor, cu_seqlens: Tensor, block_size: int, top_k: 
 class MobaAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, top_k, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (aligned(x.contiguous()) for x in (q, k, v))
         layout, idx = selection(q, k, cu_seqlens, block_size, top_k)
         routes = build_routes(idx, layout, k.shape[1], 16 if interpreting() else 128)
         out, lse = forward(q, k, v, layout, routes, scale, interpreting())

@@ -14,7 +14,7 @@ from moba_train.ops.fused.bwd_kv import kv_kernel
 from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_kernel
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
-from moba_train.ops.fused.tiles import tiles
+from moba_train.ops.fused.tiles import kv_desc, tiles
 
 LOG2E = 1.4426950408889634
 
@@ -47,14 +47,16 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     has_past = routes.tiles.shape[0] > 0
     dq_acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
     n_first = routes.tiles_per_slot[0] if has_past else 0  # tiles are ordered by slot
+    past_k, past_v = kv_desc(k, cfg["dq_past"]["BLOCK_N"]), kv_desc(v, cfg["dq_past"]["BLOCK_N"])
     for first, tile0, n_tiles in ((True, 0, n_first), (False, n_first, routes.tiles.shape[0] - n_first)):
         if n_tiles:
-            dq_past_kernel[(n_tiles,)](q, k, v, do, lse, delta, dq_acc, routes.rows, routes.tiles, tile0,
+            dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, lse, delta, dq_acc, routes.rows, routes.tiles, tile0,
                                        layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, HKV=hkv,
                                        D=dim, FIRST=first, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
     dq = torch.empty_like(q)
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
-    dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, do, lse, delta, dq_acc, dq, layout.q_tiles,
+    own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
+    dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, lse, delta, dq_acc, dq, layout.q_tiles,
                                                  layout.blk_start, layout.blk_len, layout.blk_local, scale, HQ=hq,
                                                  HKV=hkv, D=dim, HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m,
                                                  **own_cfg)

@@ -13,12 +13,10 @@ from moba_train.ops.fused.layout import own_tile, past_tile
 
 
 @triton.jit
-def _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, mask_kv, live, hk, HKV: tl.constexpr, D: tl.constexpr,
-              scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
-    offs_d = tl.arange(0, D)
-    kv_off = (offs_n.to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=mask_kv[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=mask_kv[:, None], other=0.0)
+def _dq_chunk(q, do, lse, delta, dq, Kd, Vd, key0, live, hk, D: tl.constexpr, scale_log2, MASKED: tl.constexpr,
+              PREC: tl.constexpr):
+    k = Kd.load([key0, hk * D])  # TMA: rows past T are zeros, rows past the block are masked below
+    v = Vd.load([key0, hk * D])
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:  # rows past the end are never stored, so only key tails and causality mask
@@ -39,7 +37,7 @@ def _load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
 
 
 @triton.jit
-def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                    HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
@@ -48,13 +46,11 @@ def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart,
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        dq = _dq_chunk(q, do, lse, delta, dq, K, V, k_start + offs, offs < k_len, None, hk, HKV, D, scale_log2,
-                       False, PREC)
+        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, False, PREC)
     if full < k_len:
         offs = full + tl.arange(0, BLOCK_N)
-        dq = _dq_chunk(q, do, lse, delta, dq, K, V, k_start + offs, offs < k_len, (offs < k_len)[None, :], hk, HKV,
-                       D, scale_log2, True, PREC)
+        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + full, (offs < k_len)[None, :], hk, D, scale_log2,
+                       True, PREC)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     if FIRST:  # slot 0: a row meets it once, and every row with a past block has one
         tl.store(DQacc + ptrs, dq, mask=mask_m[:, None])
@@ -63,7 +59,7 @@ def dq_past_kernel(Q, K, V, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart,
 
 
 @triton.jit
-def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, BlkLocal, scale, HQ: tl.constexpr,
+def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, BlkLocal, scale, HQ: tl.constexpr,
                   HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
@@ -74,13 +70,12 @@ def dq_own_kernel(Q, K, V, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile (tile_m % BLOCK_N == 0)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        dq = _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, offs_n < t0, None, hk, HKV, D, scale_log2, False, PREC)
+        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, n0, None, hk, D, scale_log2, False, PREC)
     hi = tl.minimum(t0 + BLOCK_M, t_end)
     for n0 in range(t0, hi, BLOCK_N):  # the diagonal
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        dq = _dq_chunk(q, do, lse, delta, dq, K, V, offs_n, offs_n < hi, offs_n[None, :] <= offs_m[:, None], hk, HKV,
-                       D, scale_log2, True, PREC)
+        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, n0, offs_n[None, :] <= offs_m[:, None], hk, D, scale_log2,
+                       True, PREC)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     if HAS_PAST:  # rows of a document's first block have no past part (DQacc never written there)
         live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))

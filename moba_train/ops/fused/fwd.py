@@ -14,18 +14,17 @@ from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout, own_tile, past_tile
 from moba_train.ops.fused.routing import Routes
-from moba_train.ops.fused.tiles import tiles
+from moba_train.ops.fused.tiles import kv_desc, tiles
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _step(q, K, V, keys, mask_n, live, hk, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
-          MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over one chunk of keys (token indices `keys`); `live` masks scores when MASKED."""
-    kv_off = (keys.to(tl.int64)[:, None] * HKV + hk) * D + tl.arange(0, D)[None, :]
-    k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
+def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr, MASKED: tl.constexpr,
+          PREC: tl.constexpr):
+    """Online softmax over the chunk of keys from token key0 (TMA loads); `live` masks scores when MASKED."""
+    k = Kd.load([key0, hk * D])
+    v = Vd.load([key0, hk * D])
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASKED:
         s = tl.where(live, s, float("-inf"))
@@ -38,7 +37,7 @@ def _step(q, K, V, keys, mask_n, live, hk, m_i, l_i, acc, scale_log2, HKV: tl.co
 
 
 @triton.jit
-def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
@@ -51,13 +50,11 @@ def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):  # whole chunks: no mask
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _step(q, K, V, k_start + offs_n, offs_n < k_len, None, hk, m_i, l_i, acc, scale_log2,
-                              HKV, D, False, PREC)
+        m_i, l_i, acc = _step(q, Kd, Vd, k_start + n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
     if full < k_len:  # the short tail of a document's last block
         offs_n = full + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _step(q, K, V, k_start + offs_n, offs_n < k_len, (offs_n < k_len)[None, :], hk, m_i, l_i,
-                              acc, scale_log2, HKV, D, True, PREC)
+        m_i, l_i, acc = _step(q, Kd, Vd, k_start + full, (offs_n < k_len)[None, :], hk, m_i, l_i, acc, scale_log2,
+                              D, True, PREC)
 
     acc_ptr = Acc + rows[:, None] * D + offs_d[None, :]
     if not FIRST:  # every row here met an earlier slot, so its state is finite
@@ -74,7 +71,7 @@ def _past_kernel(Q, K, V, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale
 
 
 @triton.jit
-def _own_kernel(Q, K, V, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_log2,
+def _own_kernel(Q, Kd, Vd, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_log2,
                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
@@ -88,14 +85,12 @@ def _own_kernel(Q, K, V, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_lo
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile: visible to every row (tile_m % BLOCK_N == 0)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _step(q, K, V, offs_n, offs_n < t0, None, hk, m_i, l_i, acc, scale_log2, HKV, D, False,
-                              PREC)
+        m_i, l_i, acc = _step(q, Kd, Vd, n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
     hi = tl.minimum(t0 + BLOCK_M, t_end)
     for n0 in range(t0, hi, BLOCK_N):  # the diagonal: causal mask
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _step(q, K, V, offs_n, offs_n < hi, offs_n[None, :] <= offs_m[:, None], hk, m_i, l_i, acc,
-                              scale_log2, HKV, D, True, PREC)
+        m_i, l_i, acc = _step(q, Kd, Vd, n0, offs_n[None, :] <= offs_m[:, None], hk, m_i, l_i, acc, scale_log2, D,
+                              True, PREC)
 
     if HAS_PAST:  # rows with no past block kept M = -inf; their acc/L were never written
         m_o = tl.load(M + rows, mask=mask_m, other=float("-inf"))
@@ -130,14 +125,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
         tile0 = 0
         for slot, n_tiles in enumerate(routes.tiles_per_slot):
             if n_tiles:
-                _past_kernel[(n_tiles,)](q, k, v, acc, m, l_sum, routes.rows, routes.tiles, tile0, layout.blk_start,
+                _past_kernel[(n_tiles,)](q, kv_desc(k, cfg["past"]["BLOCK_N"]), kv_desc(v, cfg["past"]["BLOCK_N"]), acc, m, l_sum, routes.rows, routes.tiles, tile0, layout.blk_start,
                                          layout.blk_len, scale * LOG2E, layout.n_blocks, HQ=hq, HKV=hkv, D=dim,
                                          FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
             tile0 += n_tiles
     else:
         acc = m = l_sum = lse  # unread placeholders
     own_cfg = {**cfg["own"], "BLOCK_N": min(cfg["own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
-    _own_kernel[(layout.q_tiles.shape[0], hq)](q, k, v, acc, m, l_sum, out, lse, layout.q_tiles, layout.blk_start,
+    own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
+    _own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, acc, m, l_sum, out, lse, layout.q_tiles, layout.blk_start,
                                                layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
                                                HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
     return out, lse

@@ -5,6 +5,18 @@ Tuned on an H100 at head_dim 128 in bf16 (scripts/tune_attention.py; docs/kernel
 227 KiB of shared memory; the interpreter takes the smallest tiles that keep its runs short.
 """
 
+from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+def kv_desc(x: Tensor, block_n: int) -> TensorDescriptor:
+    """TMA descriptor of K or V [T, Hkv, D] as [T, Hkv * D]: a chunk of one KV head is the box at (token, hk * D).
+
+    Rows past T load as zeros; rows past a block's end but inside T load real keys, which the kernels mask.
+    """
+    tokens, heads, dim = x.shape
+    return TensorDescriptor(x.view(tokens, heads * dim), [tokens, heads * dim], [heads * dim, 1], [block_n, dim])
+
 
 def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -> dict:
     if interpret:  # kv: rows < keys on purpose, so CI covers the diagonal walk with more than one row tile
