@@ -4,6 +4,7 @@ Blocks are numbered globally over the batch (document after document); a kernel 
 to its document through `first` (global index of the document's block 0).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,16 @@ def query_tile(block_size: int, interpret: bool) -> int:
 
 
 def build_layout(cu_seqlens: Tensor, block_size: int, tile_m: int, device: torch.device) -> Layout:
-    """Tables from cu_seqlens, computed on the host (one sync): O(blocks + tiles) entries."""
-    cu = cu_seqlens.to("cpu", torch.int64)
+    """Tables from cu_seqlens, computed on the host (one sync): O(blocks + tiles) entries.
+
+    Keyed by the offsets' values, so every MoBA layer of a step (same cu_seqlens) builds them once.
+    """
+    return _layout(tuple(cu_seqlens.tolist()), block_size, tile_m, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(offsets: tuple, block_size: int, tile_m: int, device: torch.device) -> Layout:
+    cu = torch.tensor(offsets, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
     nb_doc = (lengths + block_size - 1) // block_size
     doc_of_blk = torch.repeat_interleave(torch.arange(len(lengths)), nb_doc)
