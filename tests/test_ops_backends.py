@@ -73,6 +73,21 @@ def test_triton_matches_naive(interpreted, case):
         assert res[name] < FP32_TOL, (name, res)
 
 
+def test_layout_memo_follows_the_offsets_values():
+    """Tables are memoised by cu_seqlens' values: a tensor rewritten in place must not hit a stale entry."""
+    from moba_train.ops.fused.layout import build_layout
+
+    cu = torch.tensor([0, 100, 164], dtype=torch.int32)
+    first = build_layout(cu, 32, 16, torch.device("cpu"))
+    assert first.blk_start.tolist() == [0, 32, 64, 96, 100, 132] and first.blk_len.tolist() == [32, 32, 32, 4, 32, 32]
+    assert build_layout(cu.clone(), 32, 16, torch.device("cpu")) is first  # equal values: one build per step
+    cu.copy_(torch.tensor([0, 90, 164]))
+    second = build_layout(cu, 32, 16, torch.device("cpu"))
+    assert second.blk_start.tolist() == [0, 32, 64, 90, 122, 154]
+    assert second.blk_len.tolist() == [32, 32, 26, 32, 32, 10]
+    assert second.blk_local.tolist() == [0, 1, 2, 0, 1, 2]
+
+
 def test_varlen_needs_cuda():
     from moba_train.ops import moba_attn
 
