@@ -71,10 +71,11 @@ def main():
 
     tile_m = 128
     cases = [
-        ("forward past", fwd._past_kernel, {**heads, "BLOCK_M": 128, "FIRST": False}, cfg["past"]),
+        ("forward past", fwd._past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False},
+         cfg["past"]),
         ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["own"]),
         ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
-        ("dQ past", bwd_q.dq_past_kernel, {"HKV": hkv, "D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False},
+        ("dQ past", bwd_q.dq_past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False},
          cfg["dq_past"]),
         ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["dq_own"]),
     ]

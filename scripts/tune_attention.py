@@ -108,7 +108,7 @@ def tune(name):
         kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
         t1 = ms(lambda: bwd_q.dq_past_kernel[(routes.tiles.shape[0],)](
             q, kd, vd, do, lse, delta, dq_acc, routes.rows, routes.tiles, 0, layout.blk_start, layout.blk_len,
-            scale * LOG2E, layout.n_blocks, HKV=HKV, D=DIM, FIRST=False, PREC="tf32", BLOCK_M=128, **cfg))
+            scale * LOG2E, layout.n_blocks, D=DIM, FIRST=False, PREC="tf32", BLOCK_M=128, **cfg))
         t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
             q, kd, vd, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
             scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))

@@ -51,8 +51,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     for first, tile0, n_tiles in ((True, 0, n_first), (False, n_first, routes.tiles.shape[0] - n_first)):
         if n_tiles:
             dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, lse, delta, dq_acc, routes.rows, routes.tiles, tile0,
-                                       layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, HKV=hkv,
-                                       D=dim, FIRST=first, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
+                                       layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
+                                       FIRST=first, PREC=prec, BLOCK_M=routes.tile_m, **cfg["dq_past"])
     dq = torch.empty_like(q)
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])

@@ -38,8 +38,8 @@ def _load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
 
 @triton.jit
 def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
-                   HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)

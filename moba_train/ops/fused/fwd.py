@@ -38,8 +38,8 @@ def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr,
 
 @triton.jit
 def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
-                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -122,18 +122,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
         acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32)
         m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)
         l_sum = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
+        past_k, past_v = kv_desc(k, cfg["past"]["BLOCK_N"]), kv_desc(v, cfg["past"]["BLOCK_N"])
         tile0 = 0
         for slot, n_tiles in enumerate(routes.tiles_per_slot):
             if n_tiles:
-                _past_kernel[(n_tiles,)](q, kv_desc(k, cfg["past"]["BLOCK_N"]), kv_desc(v, cfg["past"]["BLOCK_N"]), acc, m, l_sum, routes.rows, routes.tiles, tile0, layout.blk_start,
-                                         layout.blk_len, scale * LOG2E, layout.n_blocks, HQ=hq, HKV=hkv, D=dim,
+                _past_kernel[(n_tiles,)](q, past_k, past_v, acc, m, l_sum, routes.rows, routes.tiles, tile0,
+                                         layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
                                          FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
             tile0 += n_tiles
     else:
         acc = m = l_sum = lse  # unread placeholders
     own_cfg = {**cfg["own"], "BLOCK_N": min(cfg["own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
-    _own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, acc, m, l_sum, out, lse, layout.q_tiles, layout.blk_start,
-                                               layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
+    _own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, acc, m, l_sum, out, lse, layout.q_tiles,
+                                               layout.blk_start, layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
                                                HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
     return out, lse
