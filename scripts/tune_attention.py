@@ -97,7 +97,7 @@ def tune(name):
         chunks = layout.key_chunks(cfg["BLOCK_N"])
         run = lambda: bwd_kv.kv_kernel[(chunks.shape[0], HKV)](  # noqa: E731
             q, k, v, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
-            layout.blk_len, scale, layout.n_blocks, max(routes.n_slots, 1), HQ=HQ, HKV=HKV, D=DIM, PREC="tf32",
+            layout.blk_len, scale, layout.n_blocks, routes.n_slots, HQ=HQ, HKV=HKV, D=DIM, PREC="tf32",
             **cfg)
         t = ms(run)
         base = base or (dk, dv)

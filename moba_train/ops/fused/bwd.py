@@ -38,12 +38,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     delta = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(tokens * hq, 64),)](out, do, delta, tokens * hq, D=dim, BLOCK=64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    seg_start = routes.seg_start if routes.n_slots else torch.zeros(layout.n_blocks * hkv + 1, device=q.device,
-                                                                       dtype=torch.int32)
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
-    kv_kernel[(chunks.shape[0], hkv)](q, k, v, do, lse, delta, dk, dv, routes.rows, seg_start, chunks,
-                                      layout.blk_start, layout.blk_len, scale, layout.n_blocks,
-                                      max(routes.n_slots, 1), HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
+    # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
+    kv_kernel[(chunks.shape[0], hkv)](q, k, v, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks,
+                                      layout.blk_start, layout.blk_len, scale, layout.n_blocks, routes.n_slots, HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
     has_past = routes.tiles.shape[0] > 0
     dq_acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
     n_first = routes.tiles_per_slot[0] if has_past else 0  # tiles are ordered by slot

@@ -9,16 +9,13 @@ every matrix product takes its register operand as is; dQ is left to bwd_q (no a
 import triton
 import triton.language as tl
 
+from moba_train.ops.fused.bwd_q import load_rows
+
 
 @triton.jit
 def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_log2,
              D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    offs_d = tl.arange(0, D)
-    ptrs = rows[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
-    lse = tl.load(Lse + rows, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + rows, mask=mask_m, other=0.0)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # [keys, rows]
     # rows past the end load q = dO = 0 and add nothing; keys past the end are never stored: only causality masks
     p_t = tl.math.exp2(s_t - lse[None, :])

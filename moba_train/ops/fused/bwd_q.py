@@ -27,7 +27,7 @@ def _dq_chunk(q, do, lse, delta, dq, Kd, Vd, key0, live, hk, D: tl.constexpr, sc
 
 
 @triton.jit
-def _load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
+def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
     do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
@@ -42,7 +42,7 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStar
                    BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
-    q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
@@ -66,7 +66,7 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
     t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ, BLOCK_M)
-    q, do, lse, delta = _load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile (tile_m % BLOCK_N == 0)
