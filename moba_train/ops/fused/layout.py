@@ -5,7 +5,7 @@ to its document through `first` (global index of the document's block 0).
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -24,9 +24,15 @@ class Layout:
     tile_m: int         # rows of a query tile
     blk_start_cpu: Tensor  # host copies, to cut other tables without a sync
     blk_len_cpu: Tensor
+    chunks: dict = field(default_factory=dict, repr=False, compare=False)  # key_chunks by block_n
 
     def key_chunks(self, block_n: int) -> Tensor:
         """[n_chunks, 2] int32 (global block, first key) of key chunks of block_n that never straddle blocks."""
+        if block_n not in self.chunks:
+            self.chunks[block_n] = self._cut_keys(block_n)
+        return self.chunks[block_n]
+
+    def _cut_keys(self, block_n: int) -> Tensor:
         per_blk = (self.blk_len_cpu + block_n - 1) // block_n
         blk = torch.repeat_interleave(torch.arange(self.n_blocks), per_blk)
         idx = torch.arange(len(blk)) - (torch.cumsum(per_blk, 0) - per_blk)[blk]

@@ -36,8 +36,9 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     # int32 throughout: the key tensors are the size of the selection (352M entries at 1M tokens, 4096/12)
     i32 = dict(device=device, dtype=torch.int32)
     tok_blk = torch.repeat_interleave(torch.arange(nb, **i32), layout.blk_len.long(), output_size=tokens)
-    own = layout.blk_local[tok_blk][:, None, None]
-    first = tok_blk - layout.blk_local[tok_blk]  # global index of the document's block 0
+    local = layout.blk_local[tok_blk]
+    own = local[:, None, None]
+    first = tok_blk - local  # global index of the document's block 0
     base = first[:, None, None] + (torch.arange(hq, **i32) // (hq // hkv))[None, :, None] * nb  # [T, Hq, 1]
     n_seg = hkv * nb * n_slots
     key = (past + base).mul_(n_slots).add_(torch.arange(n_slots, **i32))
@@ -45,17 +46,17 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     key, order = torch.sort(key.flatten(), stable=True)
     # segment starts by binary search in the sorted keys (a bincount would contend on few bins at this size)
     seg_start = torch.searchsorted(key, torch.arange(n_seg + 1, **i32), out_int32=True)
-    n_valid = int(seg_start[-1])
-    rows = (order[:max(n_valid, 1)] // n_slots).to(torch.int32)  # at least one entry: a real pointer
-    counts = seg_start.diff()
 
     # forward tiles: segments enumerated slot-major, each cut into tiles of tile_m rows
     seg_by_slot = torch.arange(n_seg, device=device).view(hkv * nb, n_slots).t().flatten()
-    n_tiles = (counts[seg_by_slot] + tile_m - 1) // tile_m
-    tile_seg = torch.repeat_interleave(seg_by_slot, n_tiles)
+    n_tiles = (seg_start.diff()[seg_by_slot] + tile_m - 1) // tile_m
+    # the one host sync: routed entries and the launch size of every slot
+    n_valid, *tiles_per_slot = torch.cat([seg_start[-1:].long(), n_tiles.view(n_slots, -1).sum(1)]).tolist()
+    rows = (order[:max(n_valid, 1)] // n_slots).to(torch.int32)  # at least one entry: a real pointer
+    n_total = sum(tiles_per_slot)
+    tile_seg = torch.repeat_interleave(seg_by_slot, n_tiles, output_size=n_total)
     first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-    within = torch.arange(tile_seg.numel(), device=device) - torch.repeat_interleave(first_tile, n_tiles)
+    within = torch.arange(n_total, device=device) - torch.repeat_interleave(first_tile, n_tiles, output_size=n_total)
     start = seg_start[tile_seg] + within * tile_m
     tiles = torch.stack([start, torch.clamp(seg_start[tile_seg + 1] - start, max=tile_m), tile_seg // n_slots], 1)
-    tiles_per_slot = n_tiles.view(n_slots, -1).sum(1).tolist()
     return Routes(n_slots, tile_m, rows, seg_start, tiles.to(torch.int32).contiguous(), tiles_per_slot)
