@@ -5,5 +5,9 @@ class UserError(Exception):
     """Bad input the user can fix (config, data, checkpoint, hardware request)."""
 
 
+class CheckpointError(UserError):
+    """A missing, unreadable, corrupt or incompatible checkpoint; the message names the file."""
+
+
 class ConfigError(UserError):
     """An invalid config value; the message names the key and the allowed values."""

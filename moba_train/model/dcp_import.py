@@ -13,7 +13,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moba_train.model.config import AttentionConfig, ModelConfig
-from moba_train.model.hf import CheckpointError, reset_rope
+from moba_train.errors import CheckpointError
+from moba_train.model.hf import reset_rope
 from moba_train.model.llama import Llama
 
 ANCHOR = "embed_tokens.weight"

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from moba_train.errors import UserError
+from moba_train.errors import CheckpointError, UserError
 from moba_train.model.config import AttentionConfig, ModelConfig
 from moba_train.model.llama import Llama
 from moba_train.model.rope import inv_frequencies
@@ -33,10 +33,6 @@ HF_PREFIX = "model."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or does not match its config; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -17,7 +17,7 @@ import torch
 from moba_train.errors import ConfigError
 from moba_train.model import hf
 from moba_train.model.config import AttentionConfig, ModelConfig
-from moba_train.model.hf import CheckpointError
+from moba_train.errors import CheckpointError
 from moba_train.model.llama import Llama
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from moba_train.errors import UserError
+from moba_train.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load (no process group) that it assumes a single process: intended.
@@ -44,10 +44,6 @@ CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
-
-
-class CheckpointError(UserError):
-    """A missing, incomplete, corrupt or incompatible checkpoint; the message names the file."""
 
 
 def _fault(stage: str, step: int) -> None:
