@@ -3,7 +3,8 @@
 import torch
 
 from moba_train.data import DataConfig, collate
-from moba_train.data.synthetic import VOCAB_SIZE, NeedleRetrieval
+from moba_train.data.synthetic import NeedleRetrieval
+from moba_train.data.tokenizer import BYTE_VOCAB
 from moba_train.eval import evaluate_needles, summarize
 from moba_train.model import AttentionConfig, Llama, ModelConfig
 
@@ -13,7 +14,7 @@ CPU = torch.device("cpu")
 
 def model(top_k: int) -> Llama:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB_SIZE, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    cfg = ModelConfig(vocab_size=BYTE_VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
     return Llama(cfg, AttentionConfig(block_size=32, top_k=top_k, backend="naive", full_attn_last_k=1))
 
 

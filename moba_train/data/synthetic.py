@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from moba_train.data.config import DataConfig
+from moba_train.data.tokenizer import BYTE_BOS as BOS
+from moba_train.data.tokenizer import BYTE_SEP as SEP
 from moba_train.model.llama import IGNORE_INDEX
 
 # byte vocabulary: group markers from 1, filler ASCII text, needles from 128, specials above the bytes
 MARKER0, NEEDLE0 = 1, 128
 FILLER = np.frombuffer(b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
                        dtype=np.uint8).astype(np.int64)
-BOS, EOS, PAD, SEP = 256, 257, 258, 259
-VOCAB_SIZE = 260
 
 
 class NeedleRetrieval:

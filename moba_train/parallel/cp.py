@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moba_train.model.llama import IGNORE_INDEX, positions_from_cu_seqlens
+from moba_train.model.llama import positions_from_cu_seqlens
 from moba_train.parallel.comm import gather_seq, heads_to_seq, seq_to_heads
 from moba_train.parallel.offset_attn import Segment, offset_attn
 
@@ -73,10 +73,6 @@ def shard_batch(batch: dict[str, Tensor], cp: int, rank: int, mode: str) -> dict
     out["positions"] = positions[idx].unsqueeze(0)
     out["cu_seqlens"] = cu
     return out
-
-
-def real_tokens(batch: dict[str, Tensor]) -> Tensor:
-    return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 class CPRunner:

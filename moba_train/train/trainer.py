@@ -16,6 +16,7 @@ from moba_train.config import Config
 from moba_train.data import Loader, build_dataset
 from moba_train.errors import ConfigError
 from moba_train.model import Llama
+from moba_train.model.llama import IGNORE_INDEX
 from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
 from moba_train.train.metrics import MetricsLogger
@@ -76,7 +77,7 @@ class Trainer:
                    for _ in range(self.cfg.train.grad_accum)]
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
         batches = [shard_micro_batch(b, self.dims) for b in batches]  # cp: this rank's part of the sequence
-        local_tokens = sum((b["labels"] != -100).sum() for b in batches)
+        local_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
         global_tokens = self._all_reduce(local_tokens.float()).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
