@@ -92,8 +92,7 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str = "byte", json
     pool = Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
     try:
         if pool is None:
-            _init_worker(tokenizer)
-            encoded = map(_encode, documents(files, json_key))
+            encoded = map(tok.encode, documents(files, json_key))
         else:
             encoded = pool.imap(_encode, documents(files, json_key), chunksize=16)
         for ids in tqdm(encoded, desc="tokenize", unit="doc", disable=not progress):

@@ -79,12 +79,6 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def __getstate__(self):  # workers of prepare_data re-read the file
-        return {"path": self.name}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"])
-
 
 def load_tokenizer(spec: Optional[str]):
     """'byte' (or empty) -> ByteTokenizer; anything else is a local tokenizer directory or tokenizer.json."""
