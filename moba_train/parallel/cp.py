@@ -62,10 +62,6 @@ def shard_batch(batch: dict[str, Tensor], cp: int, rank: int, mode: str) -> dict
         cu = torch.arange(0, total + 1, seq, dtype=torch.int32, device=device)
     positions = batch.get("positions")
     positions = positions_from_cu_seqlens(cu, total) if positions is None else positions.reshape(total)
-    if cp == 1:
-        out = dict(batch)
-        out["cu_seqlens"], out["positions"] = cu, positions.view(rows, seq)
-        return out
     check_divisible(total, cp, mode)
     idx = local_index(total, cp, rank, mode, device)
     out = {key: value.reshape(total)[idx].unsqueeze(0) for key, value in batch.items()

@@ -80,25 +80,13 @@ class AttentionSchedule:
         return list(kinds)
 
     def apply(self, model: nn.Module, step: int) -> Optional[list[str]]:
-        """Set the kinds for step `step` on `model` (a Llama, possibly wrapped); returns them if they changed."""
-        llama = unwrap(model)
+        """Set the kinds for step `step` on `model` (a Llama; parallelize wraps it in place); returns them if they
+        changed."""
         kinds = self.kinds_at(step)
-        if llama.attention_kinds() == kinds:
+        if model.attention_kinds() == kinds:
             return None
-        llama.set_attention_kinds(kinds)
+        model.set_attention_kinds(kinds)
         return kinds
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module that owns `set_attention_kinds` (through torch.compile's `_orig_mod` or a `.module`)."""
-    seen = model
-    for _ in range(4):
-        if hasattr(seen, "set_attention_kinds"):
-            return seen
-        seen = getattr(seen, "_orig_mod", None) or getattr(seen, "module", None)
-        if seen is None:
-            break
-    raise TypeError(f"{type(model).__name__} has no set_attention_kinds (not a moba_train Llama)")
 
 
 def describe(kinds: list[str]) -> str:

@@ -33,11 +33,6 @@ class StopFlag:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    __enter__ = install
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # second signal: give the default behaviour back and apply it
             self.uninstall()
@@ -46,10 +41,6 @@ class StopFlag:
         self.signum = signum
         log.warning("%s received: saving a checkpoint at the end of this step, then exiting",
                     signal.Signals(signum).name)
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        """Ask for a stop as a signal would (tests, callers embedding the trainer)."""
-        self.signum = signum
 
     def agreed(self, group=None) -> bool:
         """True on every rank when any rank was signalled (a collective: call it on all ranks)."""

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from moba_train.config import Config
 from moba_train.data import Loader, build_dataset
 from moba_train.errors import ConfigError
-from moba_train.model import Llama
 from moba_train.model.llama import IGNORE_INDEX
 from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
@@ -36,10 +35,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config, device: torch.device) -> Llama:
-    return init_model(cfg.model, cfg.attention, device)  # random, or the weights of model.init_from
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -48,7 +43,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, self.device)
+        model = init_model(cfg.model, cfg.attention, self.device)  # random, or the weights of model.init_from
         if self.dims.is_main:  # the architecture of this run's checkpoints (init_from resolved)
             write_run_model_config(model.cfg, cfg.train.out_dir)
         self.model = parallelize(model, cfg, self.dims)
