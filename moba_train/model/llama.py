@@ -56,6 +56,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def rows_cu_seqlens(input_ids: Tensor) -> Tensor:
+    """The default document bounds of a [B, S] batch: one document per row."""
+    rows, seq = input_ids.shape
+    return torch.arange(0, rows * seq + 1, seq, dtype=torch.int32, device=input_ids.device)
+
+
 def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     """Positions that restart at every document start."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -110,7 +116,7 @@ class Llama(nn.Module):
         batch, seq = input_ids.shape
         total = batch * seq
         if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, total + 1, seq, dtype=torch.int32, device=input_ids.device)
+            cu_seqlens = rows_cu_seqlens(input_ids)
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, total)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

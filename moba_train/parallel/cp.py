@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moba_train.model.llama import positions_from_cu_seqlens
+from moba_train.model.llama import positions_from_cu_seqlens, rows_cu_seqlens
 from moba_train.parallel.comm import gather_seq, heads_to_seq, seq_to_heads
 from moba_train.parallel.offset_attn import Segment, offset_attn
 
@@ -59,7 +59,7 @@ def shard_batch(batch: dict[str, Tensor], cp: int, rank: int, mode: str) -> dict
     device = input_ids.device
     cu = batch.get("cu_seqlens")
     if cu is None:
-        cu = torch.arange(0, total + 1, seq, dtype=torch.int32, device=device)
+        cu = rows_cu_seqlens(input_ids)
     positions = batch.get("positions")
     positions = positions_from_cu_seqlens(cu, total) if positions is None else positions.reshape(total)
     check_divisible(total, cp, mode)

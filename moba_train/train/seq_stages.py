@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from moba_train.errors import ConfigError
+from moba_train.model.llama import rows_cu_seqlens
 
 
 class SeqLenSchedule:
@@ -57,7 +58,7 @@ class SeqLenSchedule:
         total = rows * full
         cu = batch.get("cu_seqlens")
         if cu is None:
-            cu = torch.arange(0, total + 1, full, dtype=torch.int32, device=batch["input_ids"].device)
+            cu = rows_cu_seqlens(batch["input_ids"])
         pieces = torch.arange(0, total + 1, s, dtype=cu.dtype, device=cu.device)
         bounds = torch.unique(torch.cat([cu, pieces]))  # sorted
         out = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "positions")}
