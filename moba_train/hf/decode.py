@@ -36,7 +36,7 @@ class LayerMeans:
     def synced_keys(self) -> Tensor | None:
         return None if self.synced is None else self.synced()
 
-    def extend(self, key: Tensor, own: list[int], block_size: int) -> None:
+    def extend(self, key: Tensor, own: list[int]) -> None:
         """Store the means of every block before each row's own block (complete by construction)."""
         need = max(own)
         if need > self.means.shape[2]:
@@ -45,8 +45,8 @@ class LayerMeans:
                                                                      self.means.shape[3])], dim=2)
         for b, (start, have, want) in enumerate(zip(self.starts, self.count, own)):
             if want > have:
-                first = start + have * block_size
-                self.means[b, :, have:want] = doc_block_means(key[b, :, first:], want - have, block_size)
+                first = start + have * self.block_size
+                self.means[b, :, have:want] = doc_block_means(key[b, :, first:], want - have, self.block_size)
                 self.count[b] = want
 
 
@@ -78,7 +78,7 @@ def gated_step(query: Tensor, key: Tensor, value: Tensor, state: LayerMeans, blo
     batch, hq, _, dim = query.shape
     hkv, length = key.shape[1], key.shape[2]
     own = [(length - 1 - start) // block_size for start in state.starts]
-    state.extend(key, own, block_size)
+    state.extend(key, own)
     device = key.device
     starts = state.starts_t
     own_t = (length - 1 - starts) // block_size

@@ -116,8 +116,7 @@ def register_moba(block_size: int = 4096, top_k: int = 12, backend: str = "auto"
                   full_decode: bool = False) -> MobaSettings:
     """Register "moba" and "moba_naive" with transformers; calling again replaces the settings."""
     settings = MobaSettings(block_size, top_k, backend, full_attn_last_k, full_decode)
-    _settings["moba"] = settings
-    _settings["moba_naive"] = replace(settings, backend="naive")
+    _settings["moba"] = _settings["moba_naive"] = settings  # settings_for forces moba_naive's backend
     for name, fn in zip(NAMES, (_moba, _moba_naive)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, padding_mask)
