@@ -13,8 +13,6 @@ from moba_train.ops.gate import block_means
 
 def doc_block_means(keys: Tensor, n_blocks: int, block_size: int) -> Tensor:
     """Means of the first `n_blocks` (complete) blocks of one document: keys [Hkv, L, D] -> [Hkv, n_blocks, D] fp32."""
-    if n_blocks == 0:
-        return keys.new_zeros(keys.shape[0], 0, keys.shape[2], dtype=torch.float32)
     return block_means(keys[:, : n_blocks * block_size].transpose(0, 1), block_size).transpose(0, 1)
 
 

@@ -23,8 +23,7 @@ def block_means(k: Tensor, block_size: int) -> Tensor:
     pad = n_blocks * block_size - length
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad))
     sums = kf.view(n_blocks, block_size, heads, dim).sum(1)
-    counts = torch.full((n_blocks,), block_size, device=k.device, dtype=torch.float32)
-    counts[-1] = block_size - pad
+    counts = (length - block_size * torch.arange(n_blocks, device=k.device)).clamp(max=block_size).float()
     return sums / counts[:, None, None]
 
 
