@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moba_train.model.config import AttentionConfig, ModelConfig
 from moba_train.errors import CheckpointError
-from moba_train.model.hf import reset_rope
+from moba_train.model.hf import build_empty
 from moba_train.model.llama import Llama
 
 ANCHOR = "embed_tokens.weight"
@@ -36,11 +36,7 @@ def load_dcp_model(path: str, model_cfg: ModelConfig, attn_cfg: AttentionConfig,
         raise CheckpointError(f"{path}/.metadata: cannot read DCP metadata ({type(e).__name__}: {e})") from None
     stored = {k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     prefix = model_prefix(list(stored), path)
-    with torch.device("meta"):
-        model = Llama(model_cfg, attn_cfg)
-    model = model.to_empty(device="cpu")
-    if model_cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = build_empty(model_cfg, attn_cfg, torch.float32, "cpu")
     params = dict(model.named_parameters())
     missing = [n for n in params if prefix + n not in stored]
     if missing:
@@ -63,6 +59,5 @@ def load_dcp_model(path: str, model_cfg: ModelConfig, attn_cfg: AttentionConfig,
     model = model.to(device)
     if model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    reset_rope(model)
     model.cfg.init_from = path
     return model
