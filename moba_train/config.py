@@ -15,6 +15,8 @@ from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, ModelConfi
 from moba_train.ops import BACKENDS
 from moba_train.parallel.config import CP_MODES, ParallelConfig
 from moba_train.train.config import AC_MODES, CheckpointConfig, LoggerConfig, TrainConfig
+from moba_train.train.schedule_attn import validate_schedule
+from moba_train.train.seq_stages import SeqLenSchedule
 
 DATA_KINDS = ("synthetic", "megatron", "sft")
 DEVICES = ("auto", "cpu", "cuda")
@@ -79,9 +81,7 @@ def validate(cfg: Config) -> None:
                  f"attention.layers has {len(a.layers)} entries; model.n_layers={m.n_layers}")
         for i, kind in enumerate(a.layers):
             _one_of(f"attention.layers[{i}]", kind, ATTENTION_KINDS)
-    for i, stage in enumerate(a.schedule):
-        _require("at" in stage and 0.0 <= float(stage["at"]) <= 1.0,
-                 f"attention.schedule[{i}].at must be a step fraction in [0, 1]")
+    validate_schedule(a, m.n_layers)  # before any work (the trainer builds the schedule after loading weights)
 
     _one_of("data.name", d.name, DATA_KINDS)
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
@@ -113,6 +113,7 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    SeqLenSchedule(d.seq_len_schedule, d.seq_len, t.steps)  # raises ConfigError on a bad stage
 
     _one_of("parallel.cp_mode", p.cp_mode, CP_MODES)
     for key in ("cp", "dp_replicate"):

@@ -37,6 +37,9 @@ def test_recipes_compose():
     ("train.device=tpu", "train.device='tpu' is not one of"),
     ("attention.full_attn_last_k=9", "attention.full_attn_last_k=9 must be in"),
     ("attention.layers=[moba]", "attention.layers has 1 entries"),
+    # stages are checked with the rest of the config, before the trainer loads any weights
+    ("attention.schedule=[{at:0.5,kind:sparse}]", "attention.schedule[0].kind='sparse' is not one of"),
+    ("data.seq_len_schedule=[{at:0.0,seq_len:300}]", "data.seq_len_schedule[0].seq_len=300 must divide"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match.replace("[", r"\[")):
