@@ -5,6 +5,9 @@ from typing import Any, Optional
 
 ATTENTION_KINDS = ("moba", "full")
 
+# Fields that describe the architecture: a checkpoint fixes them (`model.init_from` takes them from it)
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
+
 
 @dataclass
 class ModelConfig:

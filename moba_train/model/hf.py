@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from moba_train.errors import CheckpointError, UserError
-from moba_train.model.config import AttentionConfig, ModelConfig
+from moba_train.model.config import SHAPE_FIELDS, AttentionConfig, ModelConfig
 from moba_train.model.llama import Llama
 from moba_train.model.rope import inv_frequencies
 
@@ -228,8 +228,7 @@ def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any], where: str) -> 
     bad = sorted(set(overrides) - known)
     if bad:
         raise UserError(f"{where}: unknown ModelConfig overrides {bad} (known: {sorted(known)})")
-    shape_keys = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings"}
-    changed = sorted(k for k in shape_keys & set(overrides) if overrides[k] != getattr(cfg, k))
+    changed = sorted(k for k in set(SHAPE_FIELDS) & set(overrides) if overrides[k] != getattr(cfg, k))
     if changed:
         raise UserError(f"{where}: overrides {changed} change the architecture of the checkpoint; only "
                         "non-shape fields (rope_theta, rope_scaling, max_seq_len, norm_eps, ...) can be overridden")

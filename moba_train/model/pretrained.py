@@ -16,7 +16,7 @@ import torch
 
 from moba_train.errors import ConfigError
 from moba_train.model import hf
-from moba_train.model.config import AttentionConfig, ModelConfig
+from moba_train.model.config import SHAPE_FIELDS, AttentionConfig, ModelConfig
 from moba_train.errors import CheckpointError
 from moba_train.model.llama import Llama
 
@@ -96,8 +96,6 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 
 REQUIRED = "REQUIRED"  # configs/model/from_init.yaml: the recipe needs model.init_from
-# Fields that describe the architecture: with `model.init_from` they come from the checkpoint.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 
 
 def config_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
