@@ -12,6 +12,7 @@ accumulate). Before the first stage the base config holds. Examples:
     - {at: 0.5, full_attn_last_k: 3}                   hybrid for the second half
 """
 
+import bisect
 import dataclasses
 from typing import Any, Optional
 
@@ -21,6 +22,11 @@ from moba_train.errors import ConfigError
 from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, layer_kinds
 
 STAGE_KEYS = ("at", "kind", "full_attn_last_k", "layers")
+
+
+def stage_at(stages: list[tuple[int, Any]], step: int) -> Any:
+    """The value of the last stage starting at or before `step`; stages are (first step, value), ascending."""
+    return stages[max(bisect.bisect_right([start for start, _ in stages], step) - 1, 0)][1]
 
 
 def validate_schedule(attn: AttentionConfig, n_layers: int) -> None:
@@ -73,11 +79,7 @@ class AttentionSchedule:
 
     def kinds_at(self, step: int) -> list[str]:
         """The kinds used to train step `step` (0-based)."""
-        kinds = self.stages[0][1]
-        for start, stage_kinds in self.stages:
-            if step >= start:
-                kinds = stage_kinds
-        return list(kinds)
+        return list(stage_at(self.stages, step))
 
     def apply(self, model: nn.Module, step: int) -> Optional[list[str]]:
         """Set the kinds for step `step` on `model` (a Llama; parallelize wraps it in place); returns them if they

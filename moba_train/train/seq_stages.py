@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moba_train.errors import ConfigError
 from moba_train.model.llama import rows_cu_seqlens
+from moba_train.train.schedule_attn import stage_at
 
 
 class SeqLenSchedule:
@@ -43,11 +44,7 @@ class SeqLenSchedule:
         return [start for start, _ in self.stages[1:]]
 
     def seq_len_at(self, step: int) -> int:
-        current = self.stages[0][1]
-        for start, s in self.stages:
-            if step >= start:
-                current = s
-        return current
+        return stage_at(self.stages, step)
 
     def reshape(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """The batch cut to the stage's sequence length (unchanged when it is data.seq_len)."""
