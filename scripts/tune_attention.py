@@ -33,6 +33,7 @@ OWN = [{"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_wa
        {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}]
 KV = [{"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
       {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
+      {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
       {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
       {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}]
 DQ = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
@@ -95,8 +96,9 @@ def tune(name):
     for cfg in KV:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         chunks = layout.key_chunks(cfg["BLOCK_N"])
+        kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
         run = lambda: bwd_kv.kv_kernel[(chunks.shape[0], HKV)](  # noqa: E731
-            q, k, v, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
+            q, kd, vd, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
             layout.blk_len, scale, layout.n_blocks, routes.n_slots, HQ=HQ, HKV=HKV, D=DIM, PREC="tf32",
             **cfg)
         t = ms(run)

@@ -40,9 +40,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
     # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
-    kv_kernel[(chunks.shape[0], hkv)](q, k, v, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks,
-                                      layout.blk_start, layout.blk_len, scale, layout.n_blocks, routes.n_slots,
-                                      HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
+    kv_k, kv_v = kv_desc(k, cfg["kv"]["BLOCK_N"]), kv_desc(v, cfg["kv"]["BLOCK_N"])
+    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, lse, delta, dk, dv, routes.rows, routes.seg_start,
+                                      chunks, layout.blk_start, layout.blk_len, scale, layout.n_blocks,
+                                      routes.n_slots, HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
     has_past = routes.tiles.shape[0] > 0
     dq_acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
     n_first = routes.tiles_per_slot[0] if has_past else 0  # tiles are ordered by slot

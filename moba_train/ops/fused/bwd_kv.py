@@ -29,7 +29,7 @@ def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_l
 
 
 @triton.jit
-def kv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB, N_SLOTS,
+def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB, N_SLOTS,
               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     chunk = tl.program_id(0)
@@ -42,8 +42,9 @@ def kv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart,
     mask_n = offs_n < t_end
     offs_d = tl.arange(0, D)
     kv_off = (offs_n.to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
+    # TMA: K and V land in shared memory, where the products read them, instead of taking registers
+    k = Kd.load([n0, hk * D])
+    v = Vd.load([n0, hk * D])
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634

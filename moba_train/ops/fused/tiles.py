@@ -28,7 +28,8 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
         return {
             "past": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 8, "num_stages": 3},
             "own": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 8, "num_stages": 3},
-            "kv": ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4 if block_size >= 4096 else 3}
+            "kv": ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8,
+                    "num_stages": 4 if block_size >= 4096 else 3 if block_size >= 2048 else 2}
                    if wide_keys else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
             "dq_past": ({"BLOCK_N": 64, "num_warps": 8, "num_stages": 3} if block_size >= 2048 else
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
