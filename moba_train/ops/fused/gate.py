@@ -32,11 +32,12 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
         q = q.to(tl.float32)
 
     slot = tl.arange(0, KP)
+    col = tl.arange(0, BLOCK_B)
     # slots past k-1 hold +inf so they are never the running minimum (never replaced, never selected)
     top_v = tl.where(slot[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
     top_i = tl.full([BLOCK_M, KP], -1, tl.int32)
     for c0 in range(0, b, BLOCK_B):
-        offs_b = c0 + tl.arange(0, BLOCK_B)
+        offs_b = c0 + col
         mask_b = offs_b < b
         mean = tl.load(Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :],
                        mask=mask_b[:, None], other=0.0)
@@ -54,14 +55,16 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
         # insertions needed: at most the largest count, over rows, of scores above the row's running (k-1)-th best
         above = tl.sum((s > tl.min(top_v, 1)[:, None]).to(tl.int32), 1)
         for _ in range(0, tl.minimum(tl.max(above, 0), TOPK - 1)):
+            # positions by equality then min: two plain reductions, cheaper than argmax/argmin's (value, index)
+            # pairs; ties go to the lowest block (and the lowest slot) as in the reference
             best = tl.max(s, 1)
-            arg = tl.argmax(s, 1, tie_break_left=True)
+            arg = tl.min(tl.where(s == best[:, None], col[None, :], BLOCK_B), 1)
             low = tl.min(top_v, 1)
-            low_arg = tl.argmin(top_v, 1, tie_break_left=True)
+            low_arg = tl.min(tl.where(top_v == low[:, None], slot[None, :], KP), 1)
             put = (best > low)[:, None] & (slot[None, :] == low_arg[:, None])
             top_v = tl.where(put, best[:, None], top_v)
             top_i = tl.where(put, (c0 + arg)[:, None], top_i)
-            s = tl.where(tl.arange(0, BLOCK_B)[None, :] == arg[:, None], float("-inf"), s)
+            s = tl.where(col[None, :] == arg[:, None], float("-inf"), s)
 
     # canonical order: ascending past blocks, then the own block, then -1
     big = 1 << 30
