@@ -1,10 +1,10 @@
-"""Forward: selected past blocks key-block-major, then the causal own block query-major, merged by LSE.
+"""Forward: selected past blocks key-block-major, then the causal own block query-major, one online softmax.
 
 Past pass: one launch per slot; a program takes a tile of rows routed to one (block, KV head), gathers their
-queries by index, streams the block's keys once for the whole tile, and folds its partial softmax into the
-row's running state (fp32 acc, max, sum). Within a launch a row appears once, so the update needs no atomics.
-Own-block pass: contiguous query tiles per query head, causal inside the block; it folds in the running
-state, normalises and writes out and the LSE (natural log) the backward needs.
+queries by index, streams the block's keys once for the whole tile, and continues each row's running softmax
+state (fp32 acc, max, sum) from the previous slot. Within a launch a row appears once, so the update needs no
+atomics. Own-block pass: contiguous query tiles per query head, causal inside the block, starting from the
+rows' running state; it normalises and writes out and the LSE (natural log) the backward needs.
 """
 
 import torch
@@ -45,9 +45,16 @@ def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, sca
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc_ptr = Acc + rows[:, None] * D + offs_d[None, :]
+    if FIRST:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+    else:  # resume the row's running state (finite: every row here met an earlier slot); loaded up front, the
+        # loads overlap the key chunks' instead of waiting behind the products
+        m_i = tl.load(M + rows, mask=mask_m, other=0.0)
+        l_i = tl.load(L + rows, mask=mask_m, other=0.0)
+        acc = tl.load(acc_ptr, mask=mask_m[:, None], other=0.0)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):  # whole chunks: no mask
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
@@ -55,16 +62,6 @@ def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, sca
         offs_n = full + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + full, (offs_n < k_len)[None, :], hk, m_i, l_i, acc, scale_log2,
                               D, True, PREC)
-
-    acc_ptr = Acc + rows[:, None] * D + offs_d[None, :]
-    if not FIRST:  # every row here met an earlier slot, so its state is finite
-        m_o = tl.load(M + rows, mask=mask_m, other=0.0)
-        m_n = tl.maximum(m_o, m_i)
-        a = tl.math.exp2(m_o - m_n)
-        c = tl.math.exp2(m_i - m_n)
-        acc = tl.load(acc_ptr, mask=mask_m[:, None], other=0.0) * a[:, None] + acc * c[:, None]
-        l_i = tl.load(L + rows, mask=mask_m, other=0.0) * a + l_i * c
-        m_i = m_n
     tl.store(acc_ptr, acc, mask=mask_m[:, None])
     tl.store(M + rows, m_i, mask=mask_m)
     tl.store(L + rows, l_i, mask=mask_m)
@@ -81,9 +78,15 @@ def _own_kernel(Q, Kd, Vd, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if HAS_PAST:  # start from the past blocks' state; rows with none kept M = -inf (acc, L never written)
+        m_i = tl.load(M + rows, mask=mask_m, other=float("-inf"))
+        has = m_i > float("-inf")
+        l_i = tl.load(L + rows, mask=mask_m & has, other=0.0)
+        acc = tl.load(Acc + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & has[:, None], other=0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile: visible to every row (tile_m % BLOCK_N == 0)
         m_i, l_i, acc = _step(q, Kd, Vd, n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
     hi = tl.minimum(t0 + BLOCK_M, t_end)
@@ -92,17 +95,6 @@ def _own_kernel(Q, Kd, Vd, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_
         m_i, l_i, acc = _step(q, Kd, Vd, n0, offs_n[None, :] <= offs_m[:, None], hk, m_i, l_i, acc, scale_log2, D,
                               True, PREC)
 
-    if HAS_PAST:  # rows with no past block kept M = -inf; their acc/L were never written
-        m_o = tl.load(M + rows, mask=mask_m, other=float("-inf"))
-        has = m_o > float("-inf")
-        m_n = tl.maximum(m_o, m_i)
-        a = tl.where(has, tl.math.exp2(m_o - m_n), 0.0)
-        c = tl.math.exp2(m_i - m_n)
-        acc_o = tl.load(Acc + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & has[:, None], other=0.0)
-        l_o = tl.load(L + rows, mask=mask_m & has, other=0.0)
-        acc = acc_o * a[:, None] + acc * c[:, None]
-        l_i = l_o * a + l_i * c
-        m_i = m_n
     out = acc / l_i[:, None]
     tl.store(Out + rows[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask_m[:, None])
     tl.store(Lse + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=mask_m)
