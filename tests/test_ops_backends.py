@@ -32,7 +32,8 @@ FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the refere
 
 
 def run_case(lengths, hq, hkv, dim, block_size, top_k, seed):
-    from moba_train.ops import moba_attn, moba_select
+    from moba_train.ops import moba_attn
+    from moba_train.ops.fused import moba_select  # the fused gate itself (moba_train.ops picks it only on CUDA)
     from moba_train.ops.gate import moba_select as reference_select
 
     gen = torch.Generator().manual_seed(seed)
@@ -52,6 +53,22 @@ def run_case(lengths, hq, hkv, dim, block_size, top_k, seed):
     return result
 
 
+def tie_picks():
+    """Fused selections of block 3's rows when blocks 1 and 2 hold the same keys and block 0 their negation:
+    scores tie exactly (small integers, so every summation order gives the same fp32 value) and beat block 0.
+    The gate keeps the lower block when only one fits, both when two do."""
+    from moba_train.ops.fused import moba_select
+
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randint(-3, 4, (64, 2, 16), generator=gen).float()
+    k[32:48] = k[16:32]
+    k[0:16] = -k[16:32]
+    sums = k[16:32].sum(0, keepdim=True).repeat_interleave(2, 1)  # 16 x block 1's mean, per query head
+    q = sums + torch.randint(-1, 2, (64, 4, 16), generator=gen).float()
+    cu = torch.tensor([0, 64], dtype=torch.int32)
+    return {str(top_k): moba_select(q, k, cu, 64, 16, top_k)[48:].unique(dim=0).tolist() for top_k in (2, 3)}
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     if torch.cuda.is_available():
@@ -67,10 +84,14 @@ def interpreted():
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
 def test_triton_matches_naive(interpreted, case):
-    res = interpreted[case]
+    res = interpreted["cases"][case]
     assert res["select_equal"], "fused gate selected different blocks from the reference"
     for name in ("out", "dq", "dk", "dv"):
         assert res[name] < FP32_TOL, (name, res)
+
+
+def test_fused_gate_breaks_ties_to_the_lower_block(interpreted):
+    assert interpreted["ties"] == {"2": [[[1, 3]] * 4], "3": [[[1, 2, 3]] * 4]}
 
 
 def test_layout_memo_follows_the_offsets_values():
@@ -96,5 +117,5 @@ def test_varlen_needs_cuda():
         moba_attn(q, q, q, torch.tensor([0, 8], dtype=torch.int32), 8, 4, 2, backend="varlen")
 
 
-if __name__ == "__main__":  # the child process: every case, one JSON list on the last line
-    print(json.dumps([run_case(*case, seed=i) for i, case in enumerate(CASES)]))
+if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
+    print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks()}))
