@@ -91,6 +91,7 @@ def test_round_trip_exact(tmp_path, tie):
     assert all(torch.equal(src[k], out[k]) for k in src)
     again = from_hf(str(tmp_path / "out"), FULL)
     assert again.cfg == ours.cfg.__class__(**{**ours.cfg.__dict__, "init_from": str(tmp_path / "out")})
+    assert ours.state_dict().keys() == again.state_dict().keys()
     for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     # through our consolidated format and the conversion script

@@ -44,6 +44,7 @@ def test_sft_tiny_from_tiny_checkpoint(tmp_path):
     tiny_cfg = config("sft", "+exp=sft_tiny", f"model.init_from={tiny}")
     loaded = init_model(tiny_cfg.model, tiny_cfg.attention, "cpu")  # the run dir's newest checkpoint
     assert loaded.cfg.init_from == str(tiny / "checkpoints" / "step_00000001")
+    assert trained.model.state_dict().keys() == loaded.state_dict().keys()
     for (name, a), (_, b) in zip(trained.model.state_dict().items(), loaded.state_dict().items()):
         assert a.equal(b), name
     sft = tmp_path / "sft"
@@ -136,6 +137,7 @@ def test_continue_llama_from_hf_with_stages(tmp_path, caplog):
     assert (nxt.model.dim, nxt.model.n_layers, nxt.model.rope_theta) == (64, 4, 8e6)
     loaded = init_model(nxt.model, nxt.attention, "cpu")
     assert loaded.attention_kinds() == ["moba", "moba", "full", "full"]
+    assert model.state_dict().keys() == loaded.state_dict().keys()
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert a.equal(b), name
     # and exports to HF with the recorded architecture

@@ -10,7 +10,8 @@ against exact fp32 attention on sampled rows.
 import pytest
 import torch
 
-from moba_train.ops import moba_attn, moba_select
+from moba_train.ops import moba_attn
+from moba_train.ops.fused import moba_select  # the fused gate itself, never the dispatcher's fallback
 from moba_train.ops.gate import moba_select as reference_select
 
 pytestmark = pytest.mark.gpu
