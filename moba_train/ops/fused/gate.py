@@ -56,7 +56,7 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
         above = tl.sum((s > tl.min(top_v, 1)[:, None]).to(tl.int32), 1)
         for _ in range(0, tl.minimum(tl.max(above, 0), TOPK - 1)):
             # positions by equality then min: two plain reductions, cheaper than argmax/argmin's (value, index)
-            # pairs; ties go to the lowest block (and the lowest slot) as in the reference
+            # pairs; exact ties keep the lowest block (and fill the lowest slot), a fixed rule CI checks
             best = tl.max(s, 1)
             arg = tl.min(tl.where(s == best[:, None], col[None, :], BLOCK_B), 1)
             low = tl.min(top_v, 1)
