@@ -6,7 +6,7 @@ from moba_train.data import DataConfig, collate
 from moba_train.data.synthetic import NeedleRetrieval
 from moba_train.data.tokenizer import BYTE_VOCAB
 from moba_train.eval import evaluate_needles, summarize
-from moba_train.model import AttentionConfig, Llama, ModelConfig
+from moba_train.model import IGNORE_INDEX, AttentionConfig, Llama, ModelConfig
 
 DATA = DataConfig(seq_len=512, min_doc_len=128, needle_run=4, num_needles=8)
 CPU = torch.device("cpu")
@@ -40,3 +40,32 @@ def test_gate_recall_follows_top_k():
     assert {a.recall[0] for a in own_only if a.distance > 0} == {0.0}
     rows = summarize(own_only)
     assert sum(r["answers"] for r in rows) == len(own_only)
+
+
+def test_gate_recall_matches_an_independent_selection():
+    """top_k between 1 and the block count, so the gate really chooses: recall equals the share of heads whose
+    brute-force selection (float64 block means and scores, top-2 past blocks + own) holds a needle block."""
+    net = model(top_k=3)
+    captured = []
+    core = next(layer.self_attn.core for layer in net.layers if layer.self_attn.kind == "moba")
+    handle = core.register_forward_hook(lambda mod, args, out: captured.append((args[0], args[1])))
+    answers = evaluate_needles(net, DATA, 32, seed=3, samples=1, device=CPU)
+    handle.remove()
+    q, k = (x.double() for x in captured[0])
+    batch = collate([NeedleRetrieval(DATA, 3)[0]])
+    ids, labels, cu = batch["input_ids"][0], batch["labels"][0], batch["cu_seqlens"].tolist()
+    heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    expected = []
+    for t in (labels != IGNORE_INDEX).nonzero().flatten().tolist():
+        start, end = next((s, e) for s, e in zip(cu, cu[1:]) if s <= t < e)
+        own = (t - start) // 32
+        means = torch.stack([k[start + 32 * j:min(start + 32 * (j + 1), end)].mean(0) for j in range(own)])
+        needles = {int(p) // 32 for p in (ids[start:t] == labels[t]).nonzero().flatten()}
+        hits = 0
+        for h in range(heads):
+            scores = means[:, h // group] @ q[t, h]
+            picked = set(scores.topk(min(2, own)).indices.tolist()) | {own}
+            hits += bool(needles & picked)
+        expected.append(hits / heads)
+    assert [a.recall[0] for a in answers] == expected
+    assert 0.0 < sum(expected) < len(expected), "some needles found, some missed: the choice matters here"
