@@ -95,26 +95,29 @@ def time_iters(fn, args, do, budget_s=2.0):
     return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times), peak
 
 
+def cuda_ms(fn, reps=5):
+    """(mean ms of `reps` calls after one warm-up call, the last call's result), timed with CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(reps):
+        res = fn()
+    ev[1].record()
+    torch.cuda.synchronize()
+    return ev[0].elapsed_time(ev[1]) / reps, res
+
+
 def stages(q, k, v, cu, block_size, top_k, scale):
     """Triton forward stage times (ms): layout tables (host), gate (block means + scores + top-k), routing,
-    own-block pass, past-block pass."""
-    def ms(fn, reps=5):
-        fn()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        ev[0].record()
-        for _ in range(reps):
-            res = fn()
-        ev[1].record()
-        torch.cuda.synchronize()
-        return ev[0].elapsed_time(ev[1]) / reps, res
-
-    layout_ms, layout = ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
-    gate_ms, idx = ms(lambda: select(q, block_means(k, layout), layout, top_k))
-    route_ms, routes = ms(lambda: build_routes(idx, layout, k.shape[1], 128))
+    the own-block pass alone, and the rest of the forward (past-block passes with the running-state traffic)."""
+    layout_ms, layout = cuda_ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
+    gate_ms, idx = cuda_ms(lambda: select(q, block_means(k, layout), layout, top_k))
+    route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], 128))
     no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], [])
-    own_ms, _ = ms(lambda: forward(q, k, v, layout, no_past, scale, False))
-    attn_ms, _ = ms(lambda: forward(q, k, v, layout, routes, scale, False))
-    return {"layout": layout_ms, "gate": gate_ms, "routing": route_ms, "own+merge": own_ms, "past": attn_ms - own_ms}
+    own_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, no_past, scale, False))
+    attn_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, routes, scale, False))
+    return {"layout": layout_ms, "gate": gate_ms, "routing": route_ms, "own": own_ms, "past": attn_ms - own_ms}
 
 
 def main():
@@ -155,7 +158,7 @@ def main():
             st = stages(q, k, v, cu, block_size, top_k, dim ** -0.5)
             total = next((float(r[5]) for r in rows if r[0] == name and r[3] == "triton" and r[5] != "OOM"), None)
             share = f"{100 * st['gate'] / total:.1f}%" if total else "-"
-            stage_rows.append((name, *(f"{st[s]:.2f}" for s in ("layout", "gate", "routing", "own+merge", "past")),
+            stage_rows.append((name, *(f"{st[s]:.2f}" for s in ("layout", "gate", "routing", "own", "past")),
                                share))
         del q, k, v, do
         torch.cuda.empty_cache()
@@ -165,8 +168,8 @@ def main():
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
     if stage_rows:
-        print("\ntriton forward stages (ms)\n\n| shape | layout (host) | gate | routing | own block + merge "
-              "| past blocks | gate / triton fwd+bwd |")
+        print("\ntriton forward stages (ms)\n\n| shape | layout (host) | gate | routing | own block "
+              "| past blocks + state | gate / triton fwd+bwd |")
         print("|---|---|---|---|---|---|---|")
         for r in stage_rows:
             print("| " + " | ".join(r) + " |")

@@ -19,7 +19,7 @@ from moba_train.ops.fused.routing import Routes, build_routes
 from moba_train.ops.fused.tiles import kv_desc, tiles
 
 sys.path.insert(0, "scripts")
-from bench_attention import SHAPES  # noqa: E402
+from bench_attention import SHAPES, cuda_ms  # noqa: E402
 
 LOG2E = 1.4426950408889634
 HQ, HKV, DIM = 32, 8, 128
@@ -41,15 +41,7 @@ DQ = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 64, "num_war
 
 
 def ms(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ev[0].record()
-    for _ in range(reps):
-        fn()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / reps
+    return cuda_ms(fn, reps)[0]
 
 
 def compiled(kernel):
