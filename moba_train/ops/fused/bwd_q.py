@@ -78,6 +78,7 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen
                        True, PREC)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     if HAS_PAST:  # rows of a document's first block have no past part (DQacc never written there)
+        # compared as a vector: a scalar condition broadcast into the mask fails in the interpreter
         live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))
         dq += tl.load(DQacc + ptrs, mask=live[:, None], other=0.0)
     tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
