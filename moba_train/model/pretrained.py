@@ -14,10 +14,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from moba_train.errors import ConfigError
+from moba_train.errors import CheckpointError, ConfigError
 from moba_train.model import hf
 from moba_train.model.config import SHAPE_FIELDS, AttentionConfig, ModelConfig
-from moba_train.errors import CheckpointError
 from moba_train.model.llama import Llama
 
 log = logging.getLogger(__name__)
