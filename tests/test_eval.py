@@ -9,18 +9,19 @@ from moba_train.eval import evaluate_needles, summarize
 from moba_train.model import IGNORE_INDEX, AttentionConfig, Llama, ModelConfig
 
 DATA = DataConfig(seq_len=512, min_doc_len=128, needle_run=4, num_needles=8)
+BLOCK = 32  # MoBA block size of the test model (16 blocks per row)
 CPU = torch.device("cpu")
 
 
 def model(top_k: int) -> Llama:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=BYTE_VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
-    return Llama(cfg, AttentionConfig(block_size=32, top_k=top_k, backend="naive", full_attn_last_k=1))
+    return Llama(cfg, AttentionConfig(block_size=BLOCK, top_k=top_k, backend="naive", full_attn_last_k=1))
 
 
 def test_losses_are_the_models_own():
     net = model(top_k=3)
-    answers = evaluate_needles(net, DATA, 32, seed=7, samples=2, device=CPU)
+    answers = evaluate_needles(net, DATA, BLOCK, seed=7, samples=2, device=CPU)
     rows = [NeedleRetrieval(DATA, 7)[i] for i in range(2)]
     total, count = 0.0, 0
     for row in rows:
@@ -33,9 +34,9 @@ def test_losses_are_the_models_own():
 
 
 def test_gate_recall_follows_top_k():
-    every = evaluate_needles(model(top_k=64), DATA, 32, seed=3, samples=2, device=CPU)
+    every = evaluate_needles(model(top_k=64), DATA, BLOCK, seed=3, samples=2, device=CPU)
     assert all(a.recall == [1.0] for a in every), "all blocks selected: every needle block is seen"
-    own_only = evaluate_needles(model(top_k=1), DATA, 32, seed=3, samples=2, device=CPU)
+    own_only = evaluate_needles(model(top_k=1), DATA, BLOCK, seed=3, samples=2, device=CPU)
     assert {a.recall[0] for a in own_only if a.distance == 0} == {1.0}
     assert {a.recall[0] for a in own_only if a.distance > 0} == {0.0}
     rows = summarize(own_only)
@@ -49,7 +50,7 @@ def test_gate_recall_matches_an_independent_selection():
     captured = []
     core = next(layer.self_attn.core for layer in net.layers if layer.self_attn.kind == "moba")
     handle = core.register_forward_hook(lambda mod, args, out: captured.append((args[0], args[1])))
-    answers = evaluate_needles(net, DATA, 32, seed=3, samples=1, device=CPU)
+    answers = evaluate_needles(net, DATA, BLOCK, seed=3, samples=1, device=CPU)
     handle.remove()
     q, k = (x.double() for x in captured[0])
     batch = collate([NeedleRetrieval(DATA, 3)[0]])
@@ -58,9 +59,9 @@ def test_gate_recall_matches_an_independent_selection():
     expected = []
     for t in (labels != IGNORE_INDEX).nonzero().flatten().tolist():
         start, end = next((s, e) for s, e in zip(cu, cu[1:]) if s <= t < e)
-        own = (t - start) // 32
-        means = torch.stack([k[start + 32 * j:min(start + 32 * (j + 1), end)].mean(0) for j in range(own)])
-        needles = {int(p) // 32 for p in (ids[start:t] == labels[t]).nonzero().flatten()}
+        own = (t - start) // BLOCK
+        means = torch.stack([k[start + BLOCK * j:min(start + BLOCK * (j + 1), end)].mean(0) for j in range(own)])
+        needles = {int(p) // BLOCK for p in (ids[start:t] == labels[t]).nonzero().flatten()}
         hits = 0
         for h in range(heads):
             scores = means[:, h // group] @ q[t, h]
