@@ -70,7 +70,7 @@ def tune(name):
     print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, 128)):.2f} ms", flush=True)
     default = tiles(block_size, DIM, 2)
     ref = fwd.forward(q, k, v, layout, routes, scale, False)
-    no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], [])
+    no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], 0)
     for cfg in OWN:
         both = {"past": default["past"], "own": cfg}
         own_ms = ms(lambda: fwd.forward(q, k, v, layout, no_past, scale, False, both))

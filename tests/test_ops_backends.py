@@ -109,6 +109,23 @@ def test_layout_memo_follows_the_offsets_values():
     assert second.blk_local.tolist() == [0, 1, 2, 0, 1, 2]
 
 
+def test_host_offsets_read_once_per_tensor_and_version(monkeypatch):
+    """Every layer passes the same cu_seqlens: only its first use reads the values (on a GPU, a sync); an
+    in-place rewrite bumps the version and is read again; distinct tensors never share an entry."""
+    from moba_train.ops.offsets import host_offsets
+
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    assert host_offsets(cu) == (0, 5, 9) and host_offsets(cu) == (0, 5, 9) and len(reads) == 1
+    cu[1] = 7
+    assert host_offsets(cu) == (0, 7, 9) and len(reads) == 2
+    others = [torch.tensor([0, i], dtype=torch.int32) for i in range(20)]  # more than the cache holds
+    assert [host_offsets(x) for x in others] == [(0, i) for i in range(20)]
+    assert host_offsets(cu) == (0, 7, 9)
+
+
 def test_varlen_needs_cuda():
     from moba_train.ops import moba_attn
 

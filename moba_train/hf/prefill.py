@@ -4,6 +4,10 @@ import torch
 from torch import Tensor
 
 from moba_train.ops import full_attn, moba_attn
+from moba_train.ops.offsets import TensorMemo
+
+
+_layouts = TensorMemo()
 
 
 def varlen_layout(mask: Tensor | None, position_ids: Tensor | None, batch: int, seq: int,
@@ -11,8 +15,15 @@ def varlen_layout(mask: Tensor | None, position_ids: Tensor | None, batch: int, 
     """(index of kept tokens in the flat [B * S] batch or None for all, cu_seqlens int32, max_seqlen).
 
     With a padding mask every row's real tokens form one document. Without one, a row is one document unless
-    `position_ids` restart at 0 inside it (HF's packed-sequence convention, as for flash attention).
+    `position_ids` restart at 0 inside it (HF's packed-sequence convention, as for flash attention). Every layer
+    of a forward passes the same mask and position_ids: the layout (and its host reads) is built once.
     """
+    return _layouts.get((mask, position_ids), (batch, seq, str(device)),
+                        lambda: _build_layout(mask, position_ids, batch, seq, device))
+
+
+def _build_layout(mask: Tensor | None, position_ids: Tensor | None, batch: int, seq: int,
+                  device: torch.device) -> tuple[Tensor | None, Tensor, int]:
     if mask is not None:
         index = mask.reshape(-1).nonzero().squeeze(1)
         lengths = mask.sum(1)

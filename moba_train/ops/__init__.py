@@ -10,6 +10,7 @@ from torch import Tensor
 
 from moba_train.ops.full import full_attn
 from moba_train.ops.gate import moba_select as _select_reference
+from moba_train.ops.offsets import host_offsets
 
 BACKENDS = ("naive", "varlen", "triton")
 # backend name -> module that defines moba_attn(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, softmax_scale)
@@ -45,7 +46,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
         raise ValueError(f"top_k={top_k} must be >= 1")
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
-    if cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != q.shape[0] or int(cu_seqlens[0]) != 0:
+    offsets = host_offsets(cu_seqlens) if cu_seqlens.dim() == 1 else ()
+    if not offsets or offsets[0] != 0 or offsets[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens must run from 0 to the token count {q.shape[0]}")
 
 

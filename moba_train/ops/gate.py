@@ -6,10 +6,12 @@ Everything here works per document of a packed (varlen) batch; block indices are
 import torch
 from torch import Tensor
 
+from moba_train.ops.offsets import host_offsets
+
 
 def doc_spans(cu_seqlens: Tensor) -> list[tuple[int, int]]:
     """[(start, end)] token ranges of the documents of a packed batch."""
-    cu = cu_seqlens.tolist()
+    cu = host_offsets(cu_seqlens)
     return list(zip(cu[:-1], cu[1:]))
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from moba_train.ops.gate import moba_select
+from moba_train.ops.offsets import host_offsets
 
 try:  # optional dependency
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
@@ -46,7 +47,7 @@ def _plan(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size:
     tokens, hq, _ = q.shape
     hkv = k.shape[1]
     idx = moba_select(q, k, cu_seqlens, max_seqlen, block_size, top_k)
-    cu = cu_seqlens.tolist()
+    cu = host_offsets(cu_seqlens)
     starts = [s for a, b in zip(cu[:-1], cu[1:]) for s in range(a, b, block_size)]
     blk_start = torch.tensor(starts + [tokens], device=q.device, dtype=torch.int32)  # cu_seqlens of the blocks
     n_blocks = len(starts)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from moba_train.model.llama import positions_from_cu_seqlens, rows_cu_seqlens
+from moba_train.ops.offsets import host_offsets
 from moba_train.parallel.comm import gather_seq, heads_to_seq, seq_to_heads
 from moba_train.parallel.offset_attn import Segment, offset_attn
 
@@ -79,9 +80,10 @@ class CPRunner:
 
     def __call__(self, core, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         total = q.shape[0] * self.cp
-        if cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != total:
-            raise ValueError(f"context parallel expects global cu_seqlens over {total} tokens; got "
-                             f"{int(cu_seqlens[-1])} (shard the micro-batch with parallel.cp.shard_batch)")
+        end = host_offsets(cu_seqlens)[-1] if cu_seqlens.numel() >= 2 else None
+        if end != total:
+            raise ValueError(f"context parallel expects global cu_seqlens over {total} tokens; got {end} "
+                             "(shard the micro-batch with parallel.cp.shard_batch)")
         if self.mode == "ulysses":
             qh, kh, vh = (seq_to_heads(x, self.group) for x in (q, k, v))
             return heads_to_seq(core(qh, kh, vh, cu_seqlens, max_seqlen), self.group)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from moba_train.ops.offsets import host_offsets
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -69,6 +71,6 @@ def offset_attn(core, q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], 
         return _moba_local(core, q, k, v, segments, cu_seqlens, max_seqlen)
     scale = core.softmax_scale if core.softmax_scale is not None else q.shape[-1] ** -0.5
     outs = []
-    for local, doc_start, q0, q1 in pieces(segments, cu_seqlens.tolist()):
+    for local, doc_start, q0, q1 in pieces(segments, host_offsets(cu_seqlens)):
         outs.append(_full_piece(q[local:local + q1 - q0], k[doc_start:q1], v[doc_start:q1], scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

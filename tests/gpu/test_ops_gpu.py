@@ -104,6 +104,22 @@ def test_fused_select_is_exact(case, dtype):
     assert torch.equal(got, reference_select(q, k, cu, max(lengths), block_size, top_k))
 
 
+def test_fused_op_queues_without_syncs():
+    """After a step's first layer has read cu_seqlens, forward and backward never wait for the GPU: the host
+    keeps queueing kernels (any synchronising call raises in this mode)."""
+    lengths, hq, hkv, dim, block_size, top_k = (1000, 3000, 517), 8, 2, 128, 256, 3
+    q, k, v, cu = packed(lengths, hq, hkv, dim, seed=5)
+    weight = torch.randn_like(q)
+    first = run("triton", q, k, v, cu, max(lengths), block_size, top_k, weight)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = run("triton", q, k, v, cu, max(lengths), block_size, top_k, weight)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 def exact_rows(q, k, v, idx, rows, block_size, scale):
     """fp32 MoBA output of sampled (token, head) rows of a single document, from the selection."""
     group = q.shape[1] // k.shape[1]

@@ -44,9 +44,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, lse, delta, dk, dv, routes.rows, routes.seg_start,
                                       chunks, layout.blk_start, layout.blk_len, scale, layout.n_blocks,
                                       routes.n_slots, HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
-    has_past = routes.tiles.shape[0] > 0
+    has_past = routes.n_slots > 0
     dq_acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
-    n_first = routes.tiles_per_slot[0] if has_past else 0  # tiles are ordered by slot
+    n_first = routes.slot_tiles  # tiles are ordered by slot
     past_k, past_v = kv_desc(k, cfg["dq_past"]["BLOCK_N"]), kv_desc(v, cfg["dq_past"]["BLOCK_N"])
     for first, tile0, n_tiles in ((True, 0, n_first), (False, n_first, routes.tiles.shape[0] - n_first)):
         if n_tiles:

@@ -109,19 +109,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
     cfg = cfg or tiles(layout.block_size, dim, q.element_size(), interpret)
     out = torch.empty_like(q)
     lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
-    has_past = sum(routes.tiles_per_slot) > 0
+    has_past = routes.n_slots > 0
     if has_past:
         acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32)
         m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)
         l_sum = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
         past_k, past_v = kv_desc(k, cfg["past"]["BLOCK_N"]), kv_desc(v, cfg["past"]["BLOCK_N"])
-        tile0 = 0
-        for slot, n_tiles in enumerate(routes.tiles_per_slot):
-            if n_tiles:
-                _past_kernel[(n_tiles,)](q, past_k, past_v, acc, m, l_sum, routes.rows, routes.tiles, tile0,
-                                         layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
-                                         FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
-            tile0 += n_tiles
+        for slot in range(routes.n_slots):
+            tile0, n_tiles = routes.slot(slot)
+            _past_kernel[(n_tiles,)](q, past_k, past_v, acc, m, l_sum, routes.rows, routes.tiles, tile0,
+                                     layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
+                                     FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
     else:
         acc = m = l_sum = lse  # unread placeholders
     own_cfg = {**cfg["own"], "BLOCK_N": min(cfg["own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0

@@ -12,11 +12,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moba_train.ops.offsets import host_offsets
+
 
 @dataclass
 class Layout:
     block_size: int
     n_blocks: int       # blocks over the whole batch
+    n_docs: int
     blk_start: Tensor   # [B] int32 first token of each block
     blk_len: Tensor     # [B] int32 tokens in each block (the last of a document may be short)
     blk_local: Tensor   # [B] int32 index of the block within its document
@@ -50,11 +53,11 @@ def query_tile(block_size: int, interpret: bool) -> int:
 
 
 def build_layout(cu_seqlens: Tensor, block_size: int, tile_m: int, device: torch.device) -> Layout:
-    """Tables from cu_seqlens, computed on the host (one sync): O(blocks + tiles) entries.
+    """Tables from cu_seqlens, computed on the host: O(blocks + tiles) entries.
 
     Keyed by the offsets' values, so every MoBA layer of a step (same cu_seqlens) builds them once.
     """
-    return _layout(tuple(cu_seqlens.tolist()), block_size, tile_m, torch.device(device))
+    return _layout(host_offsets(cu_seqlens), block_size, tile_m, torch.device(device))
 
 
 @functools.lru_cache(maxsize=16)
@@ -72,7 +75,7 @@ def _layout(offsets: tuple, block_size: int, tile_m: int, device: torch.device) 
     tile_idx = torch.arange(len(tile_blk)) - (torch.cumsum(tiles_per_blk, 0) - tiles_per_blk)[tile_blk]
     q_tiles = torch.stack([blk_start[tile_blk] + tile_idx * tile_m, tile_blk], 1)
     dev = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
-    return Layout(block_size, len(blk_len), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles), tile_m,
+    return Layout(block_size, len(blk_len), len(lengths), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles), tile_m,
                   blk_start, blk_len)
 
 
@@ -98,4 +101,5 @@ def past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows
     rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
-    return pair // NB, tl.load(BlkStart + gb), tl.load(BlkLen + gb), mask_m, rows
+    k_len = tl.where(n_rows > 0, tl.load(BlkLen + gb), 0)  # a reserved, unused tile walks no keys
+    return pair // NB, tl.load(BlkStart + gb), k_len, mask_m, rows

@@ -17,21 +17,26 @@ from moba_train.ops.fused.layout import Layout
 
 @dataclass
 class Routes:
-    n_slots: int          # k - 1 past slots
+    n_slots: int          # k - 1 past slots (0 when no row has a past block)
     tile_m: int           # rows per forward tile
-    rows: Tensor          # [n_entries] int32 row ids sorted by segment
+    rows: Tensor          # [T * Hq * n_slots] int32 row ids sorted by segment (entries from seg_start[-1] on: none)
     seg_start: Tensor     # [Hkv * B * n_slots + 1] int32 start of each segment in `rows`
-    tiles: Tensor         # [n_tiles, 3] int32 (start in rows, row count, hk * B + block) ordered by slot
-    tiles_per_slot: list  # forward launch sizes, slot by slot
+    tiles: Tensor         # [n_slots * slot_tiles, 3] int32 (start in rows, row count, hk * B + block), slot-major
+    slot_tiles: int       # tiles reserved per slot; the unused ones hold 0 rows
+
+    def slot(self, r: int) -> tuple[int, int]:
+        """(first tile, tile count) of slot r's forward launch."""
+        return r * self.slot_tiles, self.slot_tiles
 
 
 def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
+    """Never reads the GPU: launch sizes are bounds known from the shapes, so the host queues on."""
     tokens, hq, top_k = idx.shape
     n_slots, nb = top_k - 1, layout.n_blocks
     device = idx.device
-    if n_slots == 0:
+    if n_slots == 0 or nb == layout.n_docs:  # no past block anywhere
         one = torch.zeros(1, device=device, dtype=torch.int32)  # kernels take a real pointer even when unread
-        return Routes(0, tile_m, one, one, one.view(1, 1).expand(0, 3), [])
+        return Routes(0, tile_m, one, one, one.view(1, 1).expand(0, 3), 0)
     past = idx[:, :, :n_slots]
     # int32 throughout: the key tensors are the size of the selection (352M entries at 1M tokens, 4096/12)
     i32 = dict(device=device, dtype=torch.int32)
@@ -40,23 +45,27 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     own = local[:, None, None]
     first = tok_blk - local  # global index of the document's block 0
     base = first[:, None, None] + (torch.arange(hq, **i32) // (hq // hkv))[None, :, None] * nb  # [T, Hq, 1]
-    n_seg = hkv * nb * n_slots
+    n_pairs = hkv * nb
+    n_seg = n_pairs * n_slots
     key = (past + base).mul_(n_slots).add_(torch.arange(n_slots, **i32))
     key.masked_fill_((past < 0) | (past >= own), n_seg)
     key, order = torch.sort(key.flatten(), stable=True)
     # segment starts by binary search in the sorted keys (a bincount would contend on few bins at this size)
     seg_start = torch.searchsorted(key, torch.arange(n_seg + 1, **i32), out_int32=True)
+    rows = (order // n_slots).to(torch.int32)
 
-    # forward tiles: segments enumerated slot-major, each cut into tiles of tile_m rows
-    seg_by_slot = torch.arange(n_seg, device=device).view(hkv * nb, n_slots).t().flatten()
-    n_tiles = (seg_start.diff()[seg_by_slot] + tile_m - 1) // tile_m
-    # the one host sync: routed entries and the launch size of every slot
-    n_valid, *tiles_per_slot = torch.cat([seg_start[-1:].long(), n_tiles.view(n_slots, -1).sum(1)]).tolist()
-    rows = (order[:max(n_valid, 1)] // n_slots).to(torch.int32)  # at least one entry: a real pointer
-    n_total = sum(tiles_per_slot)
-    tile_seg = torch.repeat_interleave(seg_by_slot, n_tiles, output_size=n_total)
-    first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-    within = torch.arange(n_total, device=device) - torch.repeat_interleave(first_tile, n_tiles, output_size=n_total)
-    start = seg_start[tile_seg] + within * tile_m
-    tiles = torch.stack([start, torch.clamp(seg_start[tile_seg + 1] - start, max=tile_m), tile_seg // n_slots], 1)
-    return Routes(n_slots, tile_m, rows, seg_start, tiles.to(torch.int32).contiguous(), tiles_per_slot)
+    # forward tiles: each slot's segments cut into tiles of tile_m rows, packed from the slot's first tile on.
+    # A slot holds at most T * Hq rows, so ceil(T * Hq / tile_m) + (one partial tile per segment) bounds it.
+    slot_tiles = -(-tokens * hq // tile_m) + n_pairs
+    seg_len = seg_start.diff().view(n_pairs, n_slots).t()  # [slot, pair]
+    n_tiles = (seg_len.long() + tile_m - 1) // tile_m
+    ends = torch.cumsum(n_tiles, 1)
+    t = torch.arange(slot_tiles, device=device).expand(n_slots, slot_tiles).contiguous()
+    pair = torch.searchsorted(ends, t, right=True)  # the pair whose tiles cover t; n_pairs past the last
+    used = pair < n_pairs
+    pair.clamp_(max=n_pairs - 1)
+    seg = pair * n_slots + torch.arange(n_slots, device=device)[:, None]
+    start = seg_start[seg] + (t - (ends.gather(1, pair) - n_tiles.gather(1, pair))) * tile_m
+    count = torch.where(used, torch.clamp(seg_start[seg + 1] - start, max=tile_m), 0)
+    tiles = torch.stack([start, count, pair], -1).view(-1, 3)
+    return Routes(n_slots, tile_m, rows, seg_start, tiles.to(torch.int32).contiguous(), slot_tiles)
