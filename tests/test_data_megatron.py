@@ -94,6 +94,9 @@ def test_prepare_with_hf_tokenizer(tmp_path):
     with pytest.raises(UserError, match=r"hf\.json.*tokenized with"):
         build_dataset(cfg_for(prefix), seed=0, num_samples=8)
     assert len(build_dataset(cfg_for(prefix, tokenizer=str(tok_dir)), seed=0, num_samples=8)) >= 8
+    # and only into a model whose embedding holds the tokenizer's ids
+    with pytest.raises(UserError, match=r"has 300 tokens but model.vocab_size=256"):
+        build_dataset(cfg_for(prefix, tokenizer=str(tok_dir)), seed=0, num_samples=8, vocab_size=256)
 
 
 def test_samples_deterministic_and_split_over_dp(corpus):

@@ -261,7 +261,7 @@ def test_gpu_prefill_and_decode(path, dtype, monkeypatch):
     weights make scores nearly tied), so rows would differ by design rather than by a defect.
     """
     monkeypatch.setattr(hf_decode, "GATHER_FRACTION", 1e9 if path == "gather" else 0.0)
-    register_moba(block_size=64, top_k=3)
+    register_moba(block_size=64, top_k=3, backend="triton")  # the fused kernels by name, not by "auto"
     torch.manual_seed(0)
     layers, tol = (2, 1e-4) if dtype == torch.float32 else (1, 3e-2)
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,

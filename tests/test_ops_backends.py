@@ -53,6 +53,29 @@ def run_case(lengths, hq, hkv, dim, block_size, top_k, seed):
     return result
 
 
+def zero_rows_case():
+    """Context parallel's allgather mode runs the op over the global stream with zeros in the query rows of other
+    ranks and keeps the local rows (parallel/offset_attn.py): those rows' outputs and all gradients must match
+    the reference. The zero rows score every block 0 (all ties) and get no upstream gradient."""
+    from moba_train.ops import moba_attn
+
+    gen = torch.Generator().manual_seed(11)
+    lengths, hq, hkv, dim, block_size, top_k = (100, 92), 4, 2, 16, 16, 3
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, dim, generator=gen) for h in (hq, hkv, hkv))
+    local = torch.cat([torch.arange(0, 48), torch.arange(144, total)])  # a zigzag shard: first and last chunks
+    q_all = torch.zeros_like(q).index_copy(0, local, q[local])
+    cu = torch.tensor([0, lengths[0], total], dtype=torch.int32)
+    weight = torch.randn(len(local), hq, dim, generator=gen)
+    got = {}
+    for backend, dtype in (("triton", torch.float32), ("naive", torch.float64)):
+        leaves = [x.to(dtype).requires_grad_() for x in (q_all, k, v)]
+        out = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend=backend)[local]
+        got[backend] = [out, *torch.autograd.grad(out, leaves, weight.to(dtype))]
+    return {name: float((a.double() - b).abs().max() / b.abs().max())
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got["triton"], got["naive"])}
+
+
 def tie_picks():
     """Fused selections of block 3's rows when blocks 1 and 2 hold the same keys and block 0 their negation:
     scores tie exactly (small integers, so every summation order gives the same fp32 value) and beat block 0.
@@ -92,6 +115,11 @@ def test_triton_matches_naive(interpreted, case):
 
 def test_fused_gate_breaks_ties_to_the_lower_block(interpreted):
     assert interpreted["ties"] == {"2": [[[1, 3]] * 4], "3": [[[1, 2, 3]] * 4]}
+
+
+def test_triton_on_context_parallel_zero_rows(interpreted):
+    res = interpreted["zero_rows"]
+    assert all(res[name] < FP32_TOL for name in ("out", "dq", "dk", "dv")), res
 
 
 def test_layout_memo_follows_the_offsets_values():
@@ -135,4 +163,5 @@ def test_varlen_needs_cuda():
 
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
-    print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks()}))
+    print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
+                      "zero_rows": zero_rows_case()}))

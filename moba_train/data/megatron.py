@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from moba_train.data.config import DataConfig
-from moba_train.data.tokenizer import MegatronTokenizerView, load_tokenizer
+from moba_train.data.tokenizer import MegatronTokenizerView, check_vocab, load_tokenizer
 from moba_train.errors import UserError
 from moba_train.model.llama import IGNORE_INDEX
 
@@ -133,9 +133,7 @@ class MegatronData:
         mcfg = cfg.megatron
         self.seq_len, self.reset_at_eod = cfg.seq_len, cfg.reset_at_eod
         self.tokenizer = load_tokenizer(mcfg.tokenizer)
-        if vocab_size is not None and self.tokenizer.vocab_size > vocab_size:
-            raise UserError(f"data.megatron.tokenizer={mcfg.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
-                            f"model.vocab_size={vocab_size}")
+        check_vocab(f"data.megatron.tokenizer={mcfg.tokenizer!r}", self.tokenizer.vocab_size, vocab_size)
         self.eod = self.tokenizer.eod
         prefixes, weights = parse_blend(cfg.path)
         for prefix in prefixes:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moba_train.data.config import DataConfig
-from moba_train.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_SEP, BYTE_VOCAB
+from moba_train.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_SEP, BYTE_VOCAB, check_vocab
 from moba_train.errors import ConfigError, UserError
 from moba_train.model.llama import IGNORE_INDEX
 
@@ -251,9 +251,7 @@ class SFTDataset:
             raise UserError(f"data.sft.overlength={sft.overlength!r} is not one of {OVERLENGTH}")
         self.seq_len = cfg.seq_len
         self.template = build_template(sft.tokenizer)
-        if vocab_size is not None and self.template.vocab_size > vocab_size:
-            raise UserError(f"tokenizer {sft.tokenizer!r} has {self.template.vocab_size} tokens but "
-                            f"model.vocab_size={vocab_size}")
+        check_vocab(f"tokenizer {sft.tokenizer!r}", self.template.vocab_size, vocab_size)
         samples = load_samples(cfg.path, sft.num_synthetic, seed, cfg.seq_len)
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []
         self.stats = {"samples": len(samples), "dropped_overlength": 0, "truncated": 0, "dropped_no_target": 0}

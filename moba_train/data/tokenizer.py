@@ -80,6 +80,12 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def check_vocab(what: str, tokens: int, vocab_size: Optional[int]) -> None:
+    """A tokenizer must fit the model's embedding (vocab_size None: not known yet, nothing to check)."""
+    if vocab_size is not None and tokens > vocab_size:
+        raise UserError(f"{what} has {tokens} tokens but model.vocab_size={vocab_size}")
+
+
 def load_tokenizer(spec: Optional[str]):
     """'byte' (or empty) -> ByteTokenizer; anything else is a local tokenizer directory or tokenizer.json."""
     if spec in (None, "", "byte"):
