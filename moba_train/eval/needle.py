@@ -61,8 +61,8 @@ def evaluate_needles(model: Llama, data: DataConfig, block_size: int, seed: int,
                 run = (ids[start:t] == labels[t]).nonzero().flatten()
                 needle_blocks = set((run // block_size).tolist())
                 own = (t - start) // block_size
-                recall = [float(sum(bool(needle_blocks & set(sel[t, h].tolist())) for h in range(sel.shape[1]))
-                                / sel.shape[1]) for sel in selections]
+                picks = torch.stack([sel[t] for sel in selections]).tolist() if selections else []  # one transfer
+                recall = [sum(bool(needle_blocks & set(head)) for head in layer) / len(layer) for layer in picks]
                 answers.append(Answer(end - start, own - max(needle_blocks), bool(logits[t].argmax() == labels[t]),
                                       F.cross_entropy(logits[t], labels[t]).item(), recall))
     finally:
