@@ -111,7 +111,7 @@ def test_packed_loss_equals_one_by_one(tmp_path):
     with torch.no_grad():
         for start in range(0, len(ds), 2):
             batch = collate([ds[i] for i in range(start, min(start + 2, len(ds)))])
-            s, n = model(batch["input_ids"], batch["positions"], batch["cu_seqlens"], labels=batch["labels"])
+            s, n = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], labels=batch["labels"])
             packed_sum, packed_n = packed_sum + s.item(), packed_n + n.item()
         one_sum, one_n = 0.0, 0
         for x, y in ds.examples:

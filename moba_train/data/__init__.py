@@ -5,7 +5,9 @@ from moba_train.data.loader import Loader, collate
 
 
 def build_dataset(cfg: DataConfig, seed: int, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
-    """The dataset named by data.name: an indexable of {input_ids, labels[, doc_lens, positions]}.
+    """The dataset named by data.name: an indexable of {input_ids, labels[, doc_lens]}.
+
+    Documents (doc_lens -> cu_seqlens) restart positions; the model derives them, so samples carry none.
 
     num_samples: global samples the run will draw (steps x global batch); finite datasets (megatron) build
     their sample index for that many. vocab_size: the model's, checked against the data's tokenizer.

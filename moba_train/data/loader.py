@@ -13,8 +13,6 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if any("doc_lens" in s for s in samples):  # a sample without doc_lens is one document
         lengths = torch.cat([s.get("doc_lens", torch.tensor([len(s["input_ids"])])) for s in samples])
         batch["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    if "positions" in samples[0]:
-        batch["positions"] = torch.stack([s["positions"] for s in samples])
     return batch
 
 

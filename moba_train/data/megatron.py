@@ -8,7 +8,7 @@ split, num_samples); the Loader hands out consecutive samples across dp ranks, s
 continues the same stream.
 
 `data.reset_at_eod=true`: each end-of-document token closes a document; the sample carries `doc_lens`
-(-> cu_seqlens: attention and MoBA blocks never cross documents) and positions that restart per document.
+(-> cu_seqlens: attention and MoBA blocks never cross documents; the model restarts positions at each).
 The target after an end-of-document token (the next document's first token) then carries no loss.
 
 Sample indices are cached in `data.megatron.cache_dir` (default `<dir of the first prefix>/index_cache`):
@@ -127,7 +127,7 @@ def _rank_zero_without_process_group():
 
 
 class MegatronData:
-    """Indexable: {input_ids [S], labels [S] (IGNORE_INDEX where no loss)[, doc_lens, positions]}."""
+    """Indexable: {input_ids [S], labels [S] (IGNORE_INDEX where no loss)[, doc_lens]}."""
 
     def __init__(self, cfg: DataConfig, seed: int, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
         mcfg = cfg.megatron
@@ -173,8 +173,5 @@ class MegatronData:
         if self.reset_at_eod:
             is_eod = ids == self.eod
             labels[is_eod] = IGNORE_INDEX  # the next token belongs to another document
-            lens = doc_lengths(ids.numpy(), self.eod)
-            starts = np.repeat(np.cumsum(lens) - lens, lens)
-            out["doc_lens"] = torch.from_numpy(lens.astype(np.int32))
-            out["positions"] = torch.arange(len(ids)) - torch.from_numpy(starts)
+            out["doc_lens"] = torch.from_numpy(doc_lengths(ids.numpy(), self.eod).astype(np.int32))
         return out

@@ -9,7 +9,7 @@ Templates: a local HF tokenizer (`data.sft.tokenizer=/dir`) renders with its cha
 `byte` tokenizer uses a built-in template over the 260-token byte vocabulary of the synthetic tasks.
 Loss falls only on the assistant turns' tokens plus their end-of-turn token; headers, system and user
 turns carry no loss. Several conversations are packed into one `data.seq_len` row: each is its own document
-in `cu_seqlens` (no attention across them, positions restart); the tail is padding, a document of its own
+in `cu_seqlens` (no attention across them; the model restarts positions at each); the tail is padding, a document of its own
 without loss. Conversations longer than `data.seq_len` are dropped or truncated (`data.sft.overlength`),
 with counts in the log.
 """
@@ -243,7 +243,7 @@ def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
 
 
 class SFTDataset:
-    """Indexable packed SFT rows: {input_ids [S], labels [S], positions [S], doc_lens [n_docs]}."""
+    """Indexable packed SFT rows: {input_ids [S], labels [S], doc_lens [n_docs]}."""
 
     def __init__(self, cfg: DataConfig, seed: int, vocab_size: Optional[int] = None):
         sft = cfg.sft
@@ -286,16 +286,14 @@ class SFTDataset:
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = np.full(self.seq_len, self.template.pad_id, dtype=np.int64)
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
-        positions = np.zeros(self.seq_len, dtype=np.int64)
         doc_lens, used = [], 0
         for i in self.packs[index]:
             x, y = self.examples[i]
             n = len(x)
-            ids[used:used + n], labels[used:used + n], positions[used:used + n] = x, y, np.arange(n)
+            ids[used:used + n], labels[used:used + n] = x, y
             doc_lens.append(n)
             used += n
         if used < self.seq_len:  # padding: a document of its own, without loss
-            positions[used:] = np.arange(self.seq_len - used)
             doc_lens.append(self.seq_len - used)
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "positions": torch.from_numpy(positions), "doc_lens": torch.tensor(doc_lens, dtype=torch.int32)}
+                "doc_lens": torch.tensor(doc_lens, dtype=torch.int32)}
