@@ -53,7 +53,11 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
 
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int = 4096,
               top_k: int = 12, backend: str = "auto", softmax_scale: float | None = None) -> Tensor:
-    """MoBA attention over a packed batch; every backend meets the contract in DESIGN.md."""
+    """MoBA attention over a packed batch; every backend meets the contract in DESIGN.md.
+
+    cu_seqlens' values are read on the host once per tensor (ops/offsets.py): rewrite it in place only through
+    the tensor itself (`cu.copy_(...)`), never behind its version counter (`cu.data`), or pass a new tensor.
+    """
     check_inputs(q, k, v, cu_seqlens, block_size, top_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     module = importlib.import_module(_MODULES[resolve_backend(backend, q.device)])

@@ -5,7 +5,8 @@ such a tensor on the host (`tolist`, `int`) blocks until the GPU has caught up, 
 queueing the next kernels: one read per layer costs a pipeline drain per layer. `TensorMemo` keeps what was
 computed from a set of tensors while the same tensors come back: keyed by identity and version counter, an
 entry holds its tensors, so their ids cannot pass to other tensors while cached, and an in-place change bumps
-the version.
+the version. A write that bypasses the version counter (through `.data`, DLPack or a CUDA graph replay into
+the same buffer) is not seen: pass a new tensor, or write in place through the tensor itself.
 """
 
 from collections import OrderedDict
