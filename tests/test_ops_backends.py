@@ -27,6 +27,7 @@ CASES = [
     ((64, 60), 2, 2, 16, 16, 1),
     ((47, 75), 2, 2, 16, 16, 12),
     ((90, 40), 2, 1, 16, 16, 64),  # the largest top_k the issue asks for
+    ((30, 50, 20), 2, 1, 16, 64, 3),  # every document within one block: no past block anywhere
 ]
 FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the reference's largest entry
 
