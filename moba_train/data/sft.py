@@ -9,8 +9,8 @@ Templates: a local HF tokenizer (`data.sft.tokenizer=/dir`) renders with its cha
 `byte` tokenizer uses a built-in template over the 260-token byte vocabulary of the synthetic tasks.
 Loss falls only on the assistant turns' tokens plus their end-of-turn token; headers, system and user
 turns carry no loss. Several conversations are packed into one `data.seq_len` row: each is its own document
-in `cu_seqlens` (no attention across them; the model restarts positions at each); the tail is padding, a document of its own
-without loss. Conversations longer than `data.seq_len` are dropped or truncated (`data.sft.overlength`),
+in `cu_seqlens` (no attention across them; the model restarts positions at each); the tail is padding, a
+document of its own without loss. Conversations longer than `data.seq_len` are dropped or truncated (`data.sft.overlength`),
 with counts in the log.
 """
 
