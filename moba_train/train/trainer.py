@@ -105,9 +105,11 @@ class Trainer:
                 tokens += out["tokens"]
                 logger.advance()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    # read the values first: that waits for the GPU, which the host otherwise runs ahead of, so
+                    # the interval times the steps' work rather than their queueing
+                    loss, grad_norm = out["loss"].item(), float(out["grad_norm"])
                     elapsed = time.perf_counter() - tick
-                    logger.log(self.step, {"loss": out["loss"].item(), "lr": lr,
-                                           "grad_norm": float(out["grad_norm"]),
+                    logger.log(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                            "tokens_per_s": tokens / elapsed})
                     tick, tokens = time.perf_counter(), 0
                 stopping = stop.agreed()
