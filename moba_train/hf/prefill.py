@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from moba_train.ops import full_attn, moba_attn
-from moba_train.ops.offsets import TensorMemo
+from moba_train.ops.offsets import TensorMemo, longest_doc
 
 
 _layouts = TensorMemo()
@@ -38,8 +38,7 @@ def _build_layout(mask: Tensor | None, position_ids: Tensor | None, batch: int, 
         flat = starts.reshape(-1).nonzero().squeeze(1)
         cu = torch.cat([flat, flat.new_full((1,), batch * seq)])
     cu = cu.to(torch.int32)
-    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return index, cu, max_seqlen
+    return index, cu, longest_doc(cu)
 
 
 def prefill(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, position_ids: Tensor | None,

@@ -15,6 +15,7 @@ from torch import Tensor
 from moba_train.model.attention import Attention
 from moba_train.model.config import AttentionConfig, ModelConfig, layer_kinds
 from moba_train.model.rope import inv_frequencies, rope_tables
+from moba_train.ops.offsets import longest_doc
 
 IGNORE_INDEX = -100
 LOSS_CHUNK = 8192  # tokens per logits chunk: the [T, vocab] logits never exist at once
@@ -119,7 +120,7 @@ class Llama(nn.Module):
             cu_seqlens = rows_cu_seqlens(input_ids)
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, total)
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = longest_doc(cu_seqlens)
         cos, sin = rope_tables(positions.reshape(total), self.inv_freq)
         h = self.embed_tokens(input_ids.reshape(total))
         for layer in self.layers:

@@ -44,3 +44,9 @@ _offsets = TensorMemo()
 def host_offsets(cu_seqlens: Tensor) -> tuple[int, ...]:
     """cu_seqlens as host ints."""
     return _offsets.get((cu_seqlens,), (), lambda: tuple(cu_seqlens.tolist()))
+
+
+def longest_doc(cu_seqlens: Tensor) -> int:
+    """max_seqlen, from the same memoised read as the layers' (0 for an empty batch)."""
+    offsets = host_offsets(cu_seqlens)
+    return max((end - start for start, end in zip(offsets, offsets[1:])), default=0)
