@@ -21,7 +21,7 @@ from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
 from moba_train.ops.fused.means import block_means
-from moba_train.ops.fused.routing import Routes, build_routes
+from moba_train.ops.fused.routing import build_routes
 
 K = 1024
 # name -> (tokens, block_size, top_k)
@@ -114,7 +114,7 @@ def stages(q, k, v, cu, block_size, top_k, scale):
     layout_ms, layout = cuda_ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
     gate_ms, idx = cuda_ms(lambda: select(q, block_means(k, layout), layout, top_k))
     route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], 128))
-    no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], 0)
+    no_past = routes.own_only()
     own_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, no_past, scale, False))
     attn_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, routes, scale, False))
     return {"layout": layout_ms, "gate": gate_ms, "routing": route_ms, "own": own_ms, "past": attn_ms - own_ms}

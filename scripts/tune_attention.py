@@ -15,7 +15,7 @@ import torch
 from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate
 from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.means import block_means
-from moba_train.ops.fused.routing import Routes, build_routes
+from moba_train.ops.fused.routing import build_routes
 from moba_train.ops.fused.tiles import kv_desc, tiles
 
 sys.path.insert(0, "scripts")
@@ -70,7 +70,7 @@ def tune(name):
     print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, 128)):.2f} ms", flush=True)
     default = tiles(block_size, DIM, 2)
     ref = fwd.forward(q, k, v, layout, routes, scale, False)
-    no_past = Routes(0, 128, routes.rows, routes.seg_start, routes.tiles[:0], 0)
+    no_past = routes.own_only()
     for cfg in OWN:
         both = {"past": default["past"], "own": cfg}
         own_ms = ms(lambda: fwd.forward(q, k, v, layout, no_past, scale, False, both))

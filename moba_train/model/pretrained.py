@@ -41,7 +41,10 @@ def checkpoint_kind(path: str) -> str:
 def read_config(path: str, file: str = hf.CONFIG_FILE) -> ModelConfig:
     """The ModelConfig stored in a consolidated checkpoint dir (or in a run dir's model_config.json)."""
     config_path = os.path.join(path, file)
-    data = hf.read_json(config_path)
+    return _model_config(hf.read_json(config_path), config_path)
+
+
+def _model_config(data: dict[str, Any], config_path: str) -> ModelConfig:
     if data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{config_path}: not a moba-train checkpoint config (format={data.get('format')!r})")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -66,10 +69,11 @@ def save_consolidated(model: Llama, out_dir: str, dtype: Union[str, torch.dtype,
 def load_consolidated(path: str, attn_cfg: Optional[AttentionConfig] = None,
                       dtype: Union[str, torch.dtype, None] = "float32", device: Union[str, torch.device] = "cpu",
                       **overrides: Any) -> Llama:
-    cfg = read_config(path)
-    cfg = hf.apply_overrides(cfg, {"init_from": path, **overrides}, os.path.join(path, hf.CONFIG_FILE))
+    config_path = os.path.join(path, hf.CONFIG_FILE)
+    meta = hf.read_json(config_path)
+    cfg = hf.apply_overrides(_model_config(meta, config_path), {"init_from": path, **overrides}, config_path)
     files = hf.weight_files(path)
-    declared = hf.hf_dtype(hf.read_json(os.path.join(path, hf.CONFIG_FILE)))  # reads the top-level "dtype"
+    declared = hf.hf_dtype(meta)  # reads the top-level "dtype"
     model = hf.build_empty(cfg, attn_cfg, hf.resolve_dtype(dtype, declared), device)
     hf.load_weights(model, files)
     return model

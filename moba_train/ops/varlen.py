@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moba_train.ops.gate import moba_select
-from moba_train.ops.offsets import host_offsets
+from moba_train.ops.offsets import TensorMemo, host_offsets
 
 try:  # optional dependency
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
@@ -42,21 +42,33 @@ def _bwd(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
                                                     state[0], state[1], scale=scale)
 
 
+_blocks = TensorMemo()
+
+
+def _blocks_of(cu_seqlens: Tensor, block_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(block starts as varlen offsets [n_blocks + 1], each token's document block 0 and own block [T]), built
+    once per cu_seqlens tensor like the fused backend's layout."""
+    def build():
+        cu = host_offsets(cu_seqlens)
+        starts = [s for a, b in zip(cu[:-1], cu[1:]) for s in range(a, b, block_size)]
+        blk_start = torch.tensor(starts + [cu[-1]], device=device, dtype=torch.int32)
+        tok_blk = torch.repeat_interleave(torch.arange(len(starts), device=device), blk_start.diff().long(),
+                                          output_size=cu[-1])
+        doc_starts = set(cu[:-1])
+        doc_first = torch.tensor([i for i, s in enumerate(starts) if s in doc_starts], device=device)
+        first = doc_first[torch.searchsorted(doc_first, tok_blk, right=True) - 1]
+        return blk_start, first, tok_blk - first
+    return _blocks.get((cu_seqlens,), (block_size, device), build)
+
+
 def _plan(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int):
     """Block boundaries, and the (row, past block) pairs grouped per (KV head, block)."""
     tokens, hq, _ = q.shape
     hkv = k.shape[1]
     idx = moba_select(q, k, cu_seqlens, max_seqlen, block_size, top_k)
-    cu = host_offsets(cu_seqlens)
-    starts = [s for a, b in zip(cu[:-1], cu[1:]) for s in range(a, b, block_size)]
-    blk_start = torch.tensor(starts + [tokens], device=q.device, dtype=torch.int32)  # cu_seqlens of the blocks
-    n_blocks = len(starts)
-    tok_blk = torch.repeat_interleave(torch.arange(n_blocks, device=q.device), blk_start.diff().long(),
-                                      output_size=tokens)
-    doc_starts = set(cu[:-1])
-    doc_first = torch.tensor([i for i, s in enumerate(starts) if s in doc_starts], device=q.device)
-    first = doc_first[torch.searchsorted(doc_first, tok_blk, right=True) - 1]
-    own = (tok_blk - first)[:, None, None]
+    blk_start, first, own = _blocks_of(cu_seqlens, block_size, q.device)
+    n_blocks = blk_start.numel() - 1
+    own = own[:, None, None]
     past = idx[:, :, : top_k - 1].long()
     valid = (past >= 0) & (past < own)
     hk = (torch.arange(hq, device=q.device) // (hq // hkv))[None, :, None]

@@ -46,7 +46,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
                                       routes.n_slots, HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
     has_past = routes.n_slots > 0
     dq_acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32) if has_past else delta
-    n_first = routes.slot_tiles  # tiles are ordered by slot
+    _, n_first = routes.slot(0)  # slot 0 stores, later slots add
     past_k, past_v = kv_desc(k, cfg["dq_past"]["BLOCK_N"]), kv_desc(v, cfg["dq_past"]["BLOCK_N"])
     for first, tile0, n_tiles in ((True, 0, n_first), (False, n_first, routes.tiles.shape[0] - n_first)):
         if n_tiles:

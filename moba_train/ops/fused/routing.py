@@ -7,7 +7,7 @@ backward walks them KV-major) and each slot is a sub-range (the forward handles 
 row meets each launch at most once and the running softmax state is updated without atomics).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -27,6 +27,10 @@ class Routes:
     def slot(self, r: int) -> tuple[int, int]:
         """(first tile, tile count) of slot r's forward launch."""
         return r * self.slot_tiles, self.slot_tiles
+
+    def own_only(self) -> "Routes":
+        """The same routes without past slots: the forward then runs the own-block pass alone (stage timing)."""
+        return replace(self, n_slots=0, tiles=self.tiles[:0], slot_tiles=0)
 
 
 def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
