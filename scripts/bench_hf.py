@@ -136,7 +136,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_hf: needs a CUDA GPU (or --device cpu with tiny sizes for a smoke test)")
     start = time.perf_counter()
-    backend = resolve_backend(args.backend, torch.device(args.device))
+    probe = torch.empty(1, args.heads, args.head_dim, device=args.device, dtype=torch.bfloat16)  # the queries' kind
+    backend = resolve_backend(args.backend, probe)
     model = build_model(args)
     configs = [tuple(int(x) for x in spec.split(":")) for spec in args.moba]
     for attn, moba in [("sdpa", None)] + [("moba", c) for c in configs]:  # warm-up: kernels, allocator

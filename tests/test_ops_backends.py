@@ -28,6 +28,7 @@ CASES = [
     ((47, 75), 2, 2, 16, 16, 12),
     ((90, 40), 2, 1, 16, 16, 64),  # the largest top_k the issue asks for
     ((30, 50, 20), 2, 1, 16, 64, 3),  # every document within one block: no past block anywhere
+    ((0, 36, 0), 2, 1, 16, 16, 2),  # empty documents (as many blocks as documents, yet block 2 has a past)
 ]
 FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the reference's largest entry
 
@@ -77,6 +78,20 @@ def zero_rows_case():
             for name, a, b in zip(("out", "dq", "dk", "dv"), got["triton"], got["naive"])}
 
 
+def double_backward_refused() -> bool:
+    """The backward is not differentiable again: asking for it must raise, not return a silent zero."""
+    from moba_train.ops import moba_attn
+
+    q = torch.randn(40, 2, 16, requires_grad=True)
+    dq, = torch.autograd.grad(moba_attn(q, q[:, :1], q[:, :1], torch.tensor([0, 40]), 40, 16, 2, "triton").sum(),
+                              q, create_graph=True)
+    try:
+        dq.sum().backward()
+    except RuntimeError:
+        return True
+    return False
+
+
 def tie_picks():
     """Fused selections of block 3's rows when blocks 1 and 2 hold the same keys and block 0 their negation:
     scores tie exactly (small integers, so every summation order gives the same fp32 value) and beat block 0.
@@ -116,6 +131,10 @@ def test_triton_matches_naive(interpreted, case):
 
 def test_fused_gate_breaks_ties_to_the_lower_block(interpreted):
     assert interpreted["ties"] == {"2": [[[1, 3]] * 4], "3": [[[1, 2, 3]] * 4]}
+
+
+def test_triton_refuses_double_backward(interpreted):
+    assert interpreted["double_backward_refused"]
 
 
 def test_triton_on_context_parallel_zero_rows(interpreted):
@@ -165,4 +184,4 @@ def test_varlen_needs_cuda():
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
-                      "zero_rows": zero_rows_case()}))
+                      "zero_rows": zero_rows_case(), "double_backward_refused": double_backward_refused()}))

@@ -137,3 +137,39 @@ def test_bad_inputs_raise_clear_errors():
         moba_attn(q, k, v, cu, max_len, 16, 2, "fast")
     with pytest.raises(ValueError, match="cu_seqlens"):
         moba_attn(q, k, v, torch.tensor([0, 31], dtype=torch.int32), max_len, 16, 2, "naive")
+
+
+def test_inputs_the_kernels_would_mishandle_raise_clear_errors():
+    q, k, v, cu, max_len = packed([32], 4, 2, 8, requires_grad=False)
+    for bad in (torch.tensor([0.0, 32.0]), torch.tensor([0, 40, 32])):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            moba_attn(q, k, v, bad, max_len, 16, 2, "naive")
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            full_attn(q, k, v, bad, max_len)
+    with pytest.raises(ValueError, match="dtype"):
+        moba_attn(q, k, v.float(), cu, max_len, 16, 2, "naive")
+
+
+def test_empty_documents_and_empty_batches():
+    """Zero-length documents (allowed by the varlen layout) change nothing; an empty batch gives empty outputs."""
+    q, k, v, _, max_len = packed([37, 20], 4, 2, 8, seed=4)
+    plain, padded = torch.tensor([0, 37, 57]), torch.tensor([0, 0, 37, 37, 57, 57])
+    assert torch.equal(moba_select(q, k, plain, max_len, 8, 3), moba_select(q, k, padded, max_len, 8, 3))
+    for fn in (lambda cu: moba_attn(q, k, v, cu, max_len, 8, 3, "naive"), lambda cu: full_attn(q, k, v, cu, max_len)):
+        assert_same(grads(lambda *_: fn(plain), q, k, v), grads(lambda *_: fn(padded), q, k, v), tol=0)
+    q0, k0 = q[:0], k[:0]
+    for cu in (torch.tensor([0]), torch.tensor([0, 0])):
+        assert moba_attn(q0, k0, k0, cu, 0, 8, 3, "naive").shape == (0, 4, 8)
+        assert full_attn(q0, k0, k0, cu, 0).shape == (0, 4, 8)
+        assert moba_select(q0, k0, cu, 0, 8, 3).shape == (0, 4, 3)
+
+
+def test_reference_stays_fp32_under_autocast():
+    """The trainer runs the model under bf16 autocast: the reference gate's scores and naive attention's
+    products must not drop to bf16 there (they would select other blocks than the fused gate)."""
+    q, k, v, cu, max_len = packed([512], 4, 2, 16, requires_grad=False, seed=9)
+    q, k, v = q.float(), k.float(), v.float()
+    want = moba_select(q, k, cu, max_len, 16, 4), moba_attn(q, k, v, cu, max_len, 16, 4, "naive")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moba_select(q, k, cu, max_len, 16, 4), moba_attn(q, k, v, cu, max_len, 16, 4, "naive")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -10,9 +10,9 @@ from moba_train.ops.offsets import host_offsets
 
 
 def doc_spans(cu_seqlens: Tensor) -> list[tuple[int, int]]:
-    """[(start, end)] token ranges of the documents of a packed batch."""
+    """[(start, end)] token ranges of the non-empty documents of a packed batch."""
     cu = host_offsets(cu_seqlens)
-    return list(zip(cu[:-1], cu[1:]))
+    return [(start, end) for start, end in zip(cu[:-1], cu[1:]) if end > start]
 
 
 def block_means(k: Tensor, block_size: int) -> Tensor:
@@ -63,8 +63,9 @@ def select_doc(q: Tensor, k: Tensor, block_size: int, top_k: int) -> Tensor:
     hkv = k.shape[1]
     means = block_means(k, block_size)  # [nb, Hkv, D]
     n_blocks = means.shape[0]
-    # each query head scores the means of its own KV head (GQA without copying K)
-    scores = torch.einsum("lkgd,nkd->lkgn", q.float().view(length, hkv, hq // hkv, dim), means)
+    # each query head scores the means of its own KV head (GQA without copying K); fp32 even under autocast
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("lkgd,nkd->lkgn", q.float().view(length, hkv, hq // hkv, dim), means)
     own = torch.arange(length, device=q.device) // block_size
     idx = pick_blocks(scores.reshape(length, hq, n_blocks), own[:, None], top_k)
     # canonical order: ascending block index, -1 (none) last

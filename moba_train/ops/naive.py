@@ -23,6 +23,11 @@ def allowed_keys(idx: Tensor, block_size: int, start: int, end: int) -> Tensor:
 
 def attend_selected(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float) -> Tensor:
     """Softmax attention (fp32 or wider) of one document over its selected blocks; K/V heads shared by GQA."""
+    with torch.autocast(q.device.type, enabled=False):  # the reference's products stay wide under autocast
+        return _attend(q, k, v, idx, block_size, scale)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, block_size: int, scale: float) -> Tensor:
     group = q.shape[1] // k.shape[1]
     wide = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = (x.to(wide).transpose(0, 1) for x in (q, k, v))  # [H, L, D]

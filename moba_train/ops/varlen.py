@@ -86,17 +86,29 @@ def _plan(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size:
 
 
 # FA2's backward indexes its fp32 dq buffer with 32-bit products of (rows + 128 * segments) * heads * 128, so
-# one call must stay well under 2**31 / 128 query rows: the past pass runs in chunks of whole segments.
+# one call must keep rows + 128 * segments well under 2**31 / 128 (16.7M): the past pass runs in chunks.
 CHUNK_ROWS = 8 << 20
+SEG_ROWS = 128  # the per-segment padding of that index
 
 
-def _chunks(cu_q: list, cu_k: list) -> list:
-    """[(row range, key range, local cu_q, local cu_k, max_q)] covering all segments, each under CHUNK_ROWS."""
+def _chunks(cu_q: list, cu_k: list, limit: int = CHUNK_ROWS) -> list:
+    """[(row range, key range, local cu_q, local cu_k, max_q)] covering every row once, each call's
+    rows + SEG_ROWS * segments <= limit. A segment too large on its own is cut into pieces over the same keys
+    (their dK/dV add up in the backward)."""
     out, s0 = [], 0
     n_seg = len(cu_q) - 1
+    cost = lambda a, b: cu_q[b] - cu_q[a] + SEG_ROWS * (b - a)  # noqa: E731  segments a..b-1
     while s0 < n_seg:
+        keys = (cu_k[s0], cu_k[s0 + 1])
+        if cost(s0, s0 + 1) > limit:
+            piece = limit - SEG_ROWS
+            for r0 in range(cu_q[s0], cu_q[s0 + 1], piece):
+                r1 = min(r0 + piece, cu_q[s0 + 1])
+                out.append(((r0, r1), keys, [0, r1 - r0], [0, keys[1] - keys[0]], r1 - r0))
+            s0 += 1
+            continue
         s1 = s0 + 1
-        while s1 < n_seg and cu_q[s1 + 1] - cu_q[s0] <= CHUNK_ROWS:
+        while s1 < n_seg and cost(s0, s1 + 1) <= limit:
             s1 += 1
         if cu_q[s1] > cu_q[s0]:
             max_q = max(b - a for a, b in zip(cu_q[s0:s1], cu_q[s0 + 1:s1 + 1]))
@@ -144,6 +156,7 @@ class VarlenMoba(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not a silent zero
     def backward(ctx, dout):
         q, k, v, out, lse, blk_start, rows = ctx.saved_tensors
         bmax, chunks, scale, st_self = ctx.meta
@@ -161,8 +174,10 @@ class VarlenMoba(torch.autograd.Function):
                 cq, ck = (torch.tensor(x, device=q.device, dtype=torch.int32) for x in (cq, ck))
                 r = rows[r0:r1]
                 lse_c = lse.reshape(-1)[r][None].contiguous()
-                dq_c, dk_t[k0:k1], dv_t[k0:k1] = _bwd(flat(dout, r), flat(q, r), kt[k0:k1], vt[k0:k1], flat(out, r),
-                                                      lse_c, cq, ck, max_q, bmax, False, scale, st)
+                dq_c, dk_c, dv_c = _bwd(flat(dout, r), flat(q, r), kt[k0:k1], vt[k0:k1], flat(out, r), lse_c, cq, ck,
+                                        max_q, bmax, False, scale, st)
+                dk_t[k0:k1] += dk_c  # chunks' key ranges overlap where a segment was cut into pieces
+                dv_t[k0:k1] += dv_c
                 dq.index_add_(0, r, dq_c[:, 0])
             dq = dq.view(tokens, hq, dim)
             dk = dk + dk_t.view(hkv, tokens, dim).transpose(0, 1)

@@ -54,6 +54,7 @@ class MobaAttn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not a silent zero
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.routes, ctx.scale,

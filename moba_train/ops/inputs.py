@@ -1,0 +1,29 @@
+"""Input checks shared by the attention ops: a ValueError naming the problem instead of a kernel's traceback."""
+
+import torch
+from torch import Tensor
+
+from moba_train.ops.offsets import host_offsets
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size: int = 1, top_k: int = 1) -> None:
+    """A ValueError naming the problem for anything the kernels would mishandle (shapes, dtypes, offsets)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must share dtype and device; got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    offsets = host_offsets(cu_seqlens)
+    if not offsets or offsets[0] != 0 or offsets[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to the token count {q.shape[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError("cu_seqlens must not decrease (documents have lengths >= 0)")
