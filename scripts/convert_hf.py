@@ -6,17 +6,23 @@
 CKPT_DIR is a consolidated moba-train dir (config.json + model.safetensors, what hf-to-ours writes) or a
 trainer DCP checkpoint dir; its architecture is the run's model_config.json (<run>/checkpoints/step_N), or
 --config FILE (a yaml/json with a model: section, e.g. <run>/.hydra/config.yaml) for older runs.
-Tokenizer files found next to the weights are copied along. Bad input exits with status 2 and one line.
+The tokenizer (and generation config) comes along from the nearest checkpoint that has one, following the
+recorded `init_from` links back (a trainer checkpoint -> the HF dir its run started from); so do the HF config's
+bos/eos/pad token ids. A trainer checkpoint's config.json also gets the attention it was last trained with
+(`moba_block_size`, `moba_top_k`, `moba_full_attn_last_k`), which `moba_train.hf.register_moba` reads.
+Bad input exits with status 2 and one line.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moba_train.errors import UserError  # noqa: E402
-from moba_train.model import hf, pretrained  # noqa: E402
+from moba_train.model import AttentionConfig, ModelConfig, hf, pretrained  # noqa: E402
+from moba_train.train.schedule_attn import AttentionSchedule, describe  # noqa: E402
 
 
 def hf_to_ours(args: argparse.Namespace) -> None:
@@ -30,9 +36,37 @@ def hf_to_ours(args: argparse.Namespace) -> None:
 
 def ours_to_hf(args: argparse.Namespace) -> None:
     model = load_ours(args.src, args.dtype, args.config)
-    hf.to_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    copied = pretrained.copy_tokenizer_files(args.src, args.dst)
-    print(f"wrote {args.dst} (LlamaForCausalLM)" + (f", copied {', '.join(copied)}" if copied else ""))
+    extra = {**pretrained.special_token_ids(args.src), **moba_settings(args.src, args.config, model.cfg.n_layers)}
+    hf.to_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), extra=extra)
+    source = pretrained.tokenizer_dir(args.src)
+    copied = pretrained.copy_tokenizer_files(source, args.dst) if source else []
+    print(f"wrote {args.dst} (LlamaForCausalLM)" + (f", copied {', '.join(copied)} from {source}" if copied else
+                                                    ", no tokenizer found in the checkpoint's lineage"))
+
+
+def moba_settings(path: str, config_path, n_layers: int) -> dict:
+    """The attention a trainer checkpoint was last trained with, as the `moba_*` config.json keys of
+    `moba_train.hf.register_moba`: the HF model then runs the blocks and hybrid layers it learned."""
+    if not pretrained.is_dcp_dir(path):
+        return {}  # consolidated dirs carry weights only
+    try:
+        run = read_run_config(config_path or find_run_config(path))
+    except UserError as e:
+        print(f"note: no moba_* settings written ({e})")
+        return {}
+    known = {f.name for f in dataclasses.fields(AttentionConfig)}
+    attn = AttentionConfig(**{k: v for k, v in (run.get("attention") or {}).items() if k in known})
+    steps = int((run.get("train") or {}).get("steps", 0))
+    kinds = AttentionSchedule(attn, n_layers, steps).kinds_at(max(pretrained.checkpoint_step(path) - 1, 0))
+    n_full = next((i for i, kind in enumerate(reversed(kinds)) if kind != "full"), n_layers)
+    if n_full == n_layers:
+        print("note: the checkpoint was last trained with full attention in every layer (attn_implementation="
+              "\"sdpa\" runs it so); the moba_* settings describe its MoBA layers")
+        n_full = 0
+    elif "full" in kinds[:n_layers - n_full]:
+        print(f"warning: layer kinds {describe(kinds)} are not MoBA followed by full layers; "
+              f"moba_full_attn_last_k={n_full} covers only the last ones")
+    return {"moba_block_size": attn.block_size, "moba_top_k": attn.top_k, "moba_full_attn_last_k": n_full}
 
 
 def find_run_config(path: str) -> str:
@@ -47,16 +81,17 @@ def find_run_config(path: str) -> str:
                     "it; give --config <run>/.hydra/config.yaml")
 
 
-def model_config_from_run(config_path: str):
-    import dataclasses
-
+def read_run_config(config_path: str) -> dict:
+    """A run's saved config (yaml or json) as plain containers."""
     from omegaconf import OmegaConf
-
-    from moba_train.model import ModelConfig
 
     if not os.path.isfile(config_path):
         raise UserError(f"{config_path}: no such config file (--config)")
-    model = OmegaConf.to_container(OmegaConf.load(config_path)).get("model")
+    return OmegaConf.to_container(OmegaConf.load(config_path))
+
+
+def model_config_from_run(config_path: str):
+    model = read_run_config(config_path).get("model")
     if not isinstance(model, dict):
         raise UserError(f"{config_path}: no 'model:' section")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -68,7 +103,6 @@ def model_config_from_run(config_path: str):
 
 def load_ours(path: str, dtype, config_path):
     if os.path.isdir(path) and pretrained.is_dcp_dir(path):  # a trainer checkpoint
-        from moba_train.model import AttentionConfig
         from moba_train.model.dcp_import import load_dcp_model
 
         run_dir = pretrained.find_run_model_config(path)

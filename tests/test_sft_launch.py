@@ -77,6 +77,8 @@ def test_sft_tiny_from_tiny_checkpoint(tmp_path):
     cfg = config("sft", *args)
     ours = load_dcp_model(str(ckpt), cfg.model, AttentionConfig(kind="full"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    # the attention it was trained with travels along for attn_implementation="moba"
+    assert (hf.config.moba_block_size, hf.config.moba_top_k, hf.config.moba_full_attn_last_k) == (64, 4, 1)
     x = torch.randint(0, 260, (1, 64))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
@@ -112,8 +114,9 @@ def test_continue_llama_from_hf_with_stages(tmp_path, caplog):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   rope_theta=10000.0)
+                                   rope_theta=10000.0, bos_token_id=290, eos_token_id=291, pad_token_id=292)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')  # stands for a tokenizer
     caplog.set_level(logging.INFO)
     trainer = train("config", "+exp=continue_llama", f"model.init_from={tmp_path / 'hf'}", "model.max_seq_len=256",
                     "data=synthetic", "data.num_needles=4", "data.seq_len=256", "data.batch_size=1",
@@ -146,10 +149,20 @@ def test_continue_llama_from_hf_with_stages(tmp_path, caplog):
     spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
+    from omegaconf import OmegaConf
+
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.structured(trainer.cfg), tmp_path / "run" / ".hydra" / "config.yaml")  # as launch/ does
     assert convert.main(["ours-to-hf", str(tmp_path / "run" / "checkpoints" / "step_00000004"),
                          str(tmp_path / "hf_out")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out")
     assert hf.config.rope_parameters["rope_theta"] == 8e6
+    # what the trainer checkpoint lacks comes from the HF dir the run started from
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (290, 291, 292)
+    assert (tmp_path / "hf_out" / "tokenizer_config.json").read_text() == '{"eos_token": "</s>"}'
+    assert (tmp_path / "hf_out" / "generation_config.json").is_file()
+    # its last stage was full attention everywhere: MoBA settings as trained, no full tail
+    assert (hf.config.moba_block_size, hf.config.moba_top_k, hf.config.moba_full_attn_last_k) == (32, 2, 0)
     x = torch.randint(0, 300, (1, 40))
     loaded.set_attention_kinds(["full"] * 4)
     with torch.no_grad():

@@ -300,13 +300,14 @@ def state_for_export(model: Llama, dtype: Optional[torch.dtype]) -> dict[str, Te
 
 
 def to_hf(model: Llama, out_dir: str, dtype: Union[str, torch.dtype, None] = None,
-          max_shard_bytes: int = 5 * 1024 ** 3) -> str:
-    """Write config.json + safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+          max_shard_bytes: int = 5 * 1024 ** 3, extra: Optional[dict[str, Any]] = None) -> str:
+    """Write config.json + safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads; `extra`
+    adds config.json keys (token ids, moba_* settings)."""
     os.makedirs(out_dir, exist_ok=True)
     state = state_for_export(model, resolve_dtype(dtype, None) if dtype is not None else None)
     out_dtype = next(iter(state.values())).dtype
     tensors = {hf_name(n): t for n, t in state.items()}
     write_safetensors(tensors, out_dir, max_shard_bytes, metadata={"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(config_to_hf(model.cfg, out_dtype), f, indent=2)
+        json.dump({**config_to_hf(model.cfg, out_dtype), **(extra or {})}, f, indent=2)
     return out_dir

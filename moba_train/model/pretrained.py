@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "moba-train"
 # Files a HF checkpoint dir carries besides weights that a consumer of the weights may want (tokenizer).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "added_tokens.json")
+TOKENIZER_MARKS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # any one: a tokenizer dir
+TOKENIZER_FILES = TOKENIZER_MARKS + ("special_tokens_map.json", "generation_config.json", "chat_template.jinja",
+                                     "added_tokens.json")
 
 
 def checkpoint_kind(path: str) -> str:
@@ -144,6 +145,48 @@ def find_run_model_config(dcp_path: str) -> Optional[str]:
     return None
 
 
+def recorded_origin(path: str) -> Optional[str]:
+    """The checkpoint `path` was made from, as recorded: `model.init_from` of a consolidated dir's config.json,
+    or of the model_config.json of the run that holds a DCP checkpoint (or of a run dir). None for a HF dir."""
+    config_path = os.path.join(path, hf.CONFIG_FILE)
+    if os.path.isfile(config_path):
+        data = hf.read_json(config_path)
+        return data["model"].get("init_from") if data.get("format") == FORMAT else None
+    run_dir = find_run_model_config(path)
+    return read_config(run_dir, RUN_MODEL_CONFIG).init_from if run_dir else None
+
+
+def lineage(path: str) -> Iterator[str]:
+    """`path`, then the checkpoints it descends from by recorded `init_from` links, nearest first (a trainer
+    checkpoint -> the checkpoint its run started from -> ... -> the HF dir at the root)."""
+    seen = set()
+    while path and os.path.isdir(path) and os.path.abspath(path) not in seen:
+        seen.add(os.path.abspath(path))
+        yield path
+        path = recorded_origin(path)
+
+
+def tokenizer_dir(path: str) -> Optional[str]:
+    """The nearest checkpoint in `path`'s lineage that holds a tokenizer (trainer checkpoints hold none)."""
+    has_tokenizer = lambda p: any(os.path.isfile(os.path.join(p, name)) for name in TOKENIZER_MARKS)  # noqa: E731
+    return next(filter(has_tokenizer, lineage(path)), None)
+
+
+def special_token_ids(path: str) -> dict[str, int]:
+    """bos/eos/pad token ids of the HF config at the root of `path`'s lineage (our configs do not carry them)."""
+    for p in lineage(path):
+        if os.path.isfile(os.path.join(p, hf.CONFIG_FILE)) and checkpoint_kind(p) == "hf":
+            data = hf.read_json(os.path.join(p, hf.CONFIG_FILE))
+            return {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
+    return {}
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a trainer checkpoint from its dir name (step_00001000 -> 1000); -1 when it has no number."""
+    digits = "".join(c if c.isdigit() else " " for c in os.path.basename(os.path.normpath(path))).split()
+    return int(digits[-1]) if digits else -1
+
+
 def find_checkpoint(path: str) -> str:
     """A checkpoint dir itself, or the newest DCP checkpoint inside a run dir (largest step number)."""
     if not os.path.isdir(path):
@@ -155,8 +198,7 @@ def find_checkpoint(path: str) -> str:
         depth = root[len(path):].count(os.sep)
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tmp-* saves in progress, .hydra
         if is_dcp_dir(root) and os.path.isfile(os.path.join(root, "manifest.json")):  # published only
-            digits = "".join(c if c.isdigit() else " " for c in os.path.basename(root)).split()
-            found.append((int(digits[-1]) if digits else -1, root))
+            found.append((checkpoint_step(root), root))
             dirs[:] = []
         elif depth >= 2:
             dirs[:] = []
