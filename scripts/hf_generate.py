@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -45,6 +46,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_not_moba_train_checkpoint(path: Path) -> None:
+    """Our consolidated checkpoints (what model.init_from takes) are not HF models; say how to convert one."""
+    from moba_train.errors import UserError
+    from moba_train.model.pretrained import checkpoint_kind
+
+    try:
+        ours = checkpoint_kind(str(path)) == "ours"
+    except UserError as err:  # config.json is not valid JSON
+        fail(str(err))
+    if ours:
+        fail(f"{path} is a moba-train checkpoint, not a HF model; convert it first: "
+             f"python scripts/convert_hf.py ours-to-hf {path} DST")
+
+
 def check_model_dir(path: Path):
     """The model's config, or a clear error for a missing directory or an architecture we cannot run."""
     from transformers import AutoConfig
@@ -53,7 +68,11 @@ def check_model_dir(path: Path):
 
     if not (path / "config.json").is_file():
         fail(f"no model at {path} (expected a local directory with config.json and weights)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_not_moba_train_checkpoint(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except ValueError as err:  # e.g. an unknown model_type; transformers explains on several lines
+        fail(f"cannot read the model config in {path}: {str(err).splitlines()[0]}")
     if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         fail(f"{path} holds a {config.model_type!r} model, which is not a causal (decoder-only) language model")
     encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)

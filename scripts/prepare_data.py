@@ -4,7 +4,9 @@
         [--tokenizer byte | /path/to/hf_tokenizer_dir] [--json-key text] [--workers 4]
 
 Inputs: `.jsonl` / `.json` files hold one JSON object per line with the text under `--json-key`; any other
-file is one plain-text document; a directory stands for the files in it (sorted, recursively). Every
+file is one plain-text document; `.gz` files are decompressed (`x.jsonl.gz` is JSON Lines, `x.txt.gz` text).
+A directory stands for the files in it (sorted, recursively; hidden files and directories skipped). Binary
+files (a NUL byte near the start, or .parquet/.arrow/.bin/.idx/.zst/.bz2/.xz/.zip) are refused. Every
 document is tokenized without special tokens and ends with the tokenizer's end-of-document token; empty
 documents are skipped. Writing uses megatron-core's IndexedDatasetBuilder, so Megatron-LM reads the
 result too. `<prefix>.json` records the tokenizer (training checks it against `data.tokenizer`).
@@ -12,6 +14,7 @@ Outputs appear only when complete (written under temporary names, then renamed).
 """
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -28,14 +31,17 @@ from moba_train.data.tokenizer import load_tokenizer  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 
 JSON_SUFFIXES = (".jsonl", ".json")
+BINARY_SUFFIXES = (".parquet", ".arrow", ".bin", ".idx", ".zst", ".bz2", ".xz", ".zip")
+SNIFF_BYTES = 8192
 
 
 def input_files(paths: list[str]) -> list[str]:
     files = []
     for path in paths:
         if os.path.isdir(path):
-            for root, _, names in sorted(os.walk(path)):
-                files += [os.path.join(root, n) for n in sorted(names)]
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache: not corpus data
+                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]  # .DS_Store
         elif os.path.isfile(path):
             files.append(path)
         else:
@@ -43,13 +49,37 @@ def input_files(paths: list[str]) -> list[str]:
     return files
 
 
+def open_input(file: str, mode: str = "rt", **kwargs):
+    """The file, decompressed when it ends in .gz."""
+    return (gzip.open if file.endswith(".gz") else open)(file, mode, **kwargs)
+
+
+def is_json(file: str) -> bool:
+    return file.removesuffix(".gz").endswith(JSON_SUFFIXES)
+
+
+def check_input(file: str) -> None:
+    """Refuse, naming the file, input that would be tokenized as garbage: binary data or a JSON array."""
+    if file.removesuffix(".gz").endswith(BINARY_SUFFIXES):
+        raise UserError(f"{file}: binary input (by its suffix); give text, JSON Lines or their .gz")
+    try:
+        with open_input(file, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{file}: unreadable ({e})") from None
+    if b"\0" in head:
+        raise UserError(f"{file}: binary input (NUL bytes); give text, JSON Lines or their .gz")
+    if is_json(file) and head.lstrip().startswith(b"["):
+        raise UserError(f"{file}: a JSON array; expected JSON Lines (one object per line, text under --json-key)")
+
+
 def documents(files: list[str], json_key: str) -> Iterator[str]:
     for file in files:
-        if not file.endswith(JSON_SUFFIXES):
-            with open(file, encoding="utf-8", errors="replace") as f:
+        if not is_json(file):
+            with open_input(file, encoding="utf-8", errors="replace") as f:
                 yield f.read()
             continue
-        with open(file, encoding="utf-8") as f:
+        with open_input(file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -84,6 +114,8 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str = "byte", json
 
     tok = load_tokenizer(tokenizer)
     files = input_files(inputs)
+    for file in files:  # before tokenizing: a bad file late in the list should not cost a long run
+        check_input(file)
     dtype = DType.optimal_dtype(tok.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     tmp = f"{output_prefix}.tmp{os.getpid()}"

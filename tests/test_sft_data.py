@@ -57,6 +57,20 @@ def test_hf_chat_template_mask(tmp_path):
     assert tpl.tok.decode(ids) == tpl.tok.apply_chat_template(CHAT, tokenize=False)
 
 
+def test_template_of_a_run_dir_comes_from_the_checkpoint_it_started_from(tmp_path):
+    """SFT from a run dir (`model.init_from=runs/continue`, the tokenizer defaulting to it): the run holds no
+    tokenizer, so the template is the one of the HF dir recorded as the run's init_from."""
+    from moba_train.data.sft import build_template
+    from moba_train.model.pretrained import write_run_model_config
+
+    hf_dir = make_tokenizer(tmp_path / "hf")
+    write_run_model_config(ModelConfig(init_from=hf_dir), str(tmp_path / "run"))
+    (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for spec in ("run", "run/checkpoints/step_00000002"):
+        tpl = build_template(str(tmp_path / spec))
+        assert tpl.path == hf_dir and tpl.encode(CHAT, "x") == HFTemplate(hf_dir).encode(CHAT, "x")
+
+
 def test_hf_template_errors(tmp_path):
     with pytest.raises(SFTDataError, match="nope: no such tokenizer directory"):
         HFTemplate(str(tmp_path / "nope"))

@@ -20,7 +20,7 @@ class MegatronDataConfig:
     tokenizer: str = "byte"  # the one the data was prepared with: byte | path to a local HF tokenizer dir
     split: str = "100,0,0"  # train,valid,test document fractions (megatron-core); training reads train
     eod_mask_loss: bool = False  # no loss on targets after an end-of-document token
-    cache_dir: Optional[str] = None  # sample-index cache; default <dir of the first prefix>/index_cache
+    cache_dir: Optional[str] = None  # index cache root, a subdir per data version; default <prefix dir>/index_cache
     mid_level_surplus: float = 0.005  # extra samples built per blended prefix (megatron-core)
 
 

@@ -11,12 +11,15 @@ continues the same stream.
 (-> cu_seqlens: attention and MoBA blocks never cross documents; the model restarts positions at each).
 The target after an end-of-document token (the next document's first token) then carries no loss.
 
-Sample indices are cached in `data.megatron.cache_dir` (default `<dir of the first prefix>/index_cache`):
-rank 0 builds them, the other ranks read them after a barrier, so on several nodes it must be a shared
-filesystem (as in Megatron-LM). Reading is synchronous in the training process (memory-mapped; cheap next
-to a long-context step).
+Sample indices are cached in `data.megatron.cache_dir` (default `<dir of the first prefix>/index_cache`),
+in a subdirectory named by a fingerprint of the data files (path, size, mtime), so a prefix rewritten with
+new data gets a new index rather than a stale one. Rank 0 builds them, the other ranks read them after a
+barrier, so on several nodes it must be a shared filesystem (as in Megatron-LM). Reading is synchronous in
+the training process (memory-mapped; cheap next to a long-context step).
 """
 
+import hashlib
+import json
 import logging
 import os
 import struct
@@ -88,8 +91,6 @@ def check_indexed(prefix: str) -> tuple[int, int]:
 
 def check_sidecar(prefix: str, tok) -> None:
     """prepare_data.py writes `<prefix>.json` naming its tokenizer; a different data tokenizer is an error."""
-    import json
-
     file = prefix + ".json"
     if not os.path.isfile(file):
         return
@@ -102,6 +103,17 @@ def check_sidecar(prefix: str, tok) -> None:
         raise UserError(f"{file}: dataset was tokenized with {info.get('tokenizer')!r} (vocab {info.get('vocab_size')}, "
                         f"eod {info.get('eod')}), but data.megatron.tokenizer={tok.name!r} has vocab "
                         f"{tok.vocab_size}, eod {tok.eod}")
+
+
+def data_fingerprint(prefixes: list[str]) -> str:
+    """Identifies the current version of the data files. megatron-core's cache hash covers their paths but not
+    their contents, so a prefix rewritten by prepare_data.py would otherwise reuse an index of the old data."""
+    stats = []
+    for prefix in prefixes:
+        for file in (prefix + ".bin", prefix + ".idx"):
+            st = os.stat(file)
+            stats.append((os.path.abspath(file), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def doc_lengths(tokens: np.ndarray, eod: int) -> np.ndarray:
@@ -139,7 +151,8 @@ class MegatronData:
         for prefix in prefixes:
             check_indexed(prefix)
             check_sidecar(prefix, self.tokenizer)
-        cache = mcfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index_cache")
+        cache_root = mcfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index_cache")
+        cache = os.path.join(cache_root, data_fingerprint(prefixes))
         with warnings.catch_warnings():  # megatron.core warns about missing optional GPU packages on import
             warnings.simplefilter("ignore")
             from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder

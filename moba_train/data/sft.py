@@ -21,9 +21,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from moba_train.data.config import DataConfig
 from moba_train.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_SEP, BYTE_VOCAB, check_vocab
+from moba_train.model.pretrained import tokenizer_dir
 from moba_train.errors import ConfigError, UserError
 from moba_train.model.llama import IGNORE_INDEX
 
@@ -172,7 +174,11 @@ class HFTemplate:
 
 
 def build_template(spec: Optional[str]):
-    return ByteTemplate() if spec in (None, "", "byte") else HFTemplate(spec)
+    """The byte template, or a HF tokenizer dir's. A checkpoint without a tokenizer (a run dir, a trainer
+    checkpoint) takes the one of the checkpoint it descends from (recorded init_from links)."""
+    if spec in (None, "", "byte"):
+        return ByteTemplate()
+    return HFTemplate(tokenizer_dir(spec) or spec)
 
 
 # ------------------------------------------------------------------------------------------ synthetic set
@@ -255,7 +261,8 @@ class SFTDataset:
         samples = load_samples(cfg.path, sft.num_synthetic, seed, cfg.seq_len)
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []
         self.stats = {"samples": len(samples), "dropped_overlength": 0, "truncated": 0, "dropped_no_target": 0}
-        for where, messages in samples:
+        other_rank = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0  # one bar per job
+        for where, messages in tqdm(samples, desc="sft tokenize", unit="conversation", disable=other_rank):
             ids, mask = self.template.encode(messages, where)
             cut = len(ids) > self.seq_len
             if cut and sft.overlength == "drop":

@@ -82,7 +82,7 @@ def _plan(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size:
     # segment (hk, block) keys: rows hk * T + block range of the [Hkv * T] key layout
     cu_k = (torch.arange(hkv, device=q.device)[:, None] * tokens + blk_start[None, :-1]).flatten()
     cu_k = torch.cat([cu_k, cu_k.new_tensor([hkv * tokens])]).int()
-    return blk_start, rows, cu_q, cu_k, _chunks(cu_q.tolist(), cu_k.tolist())
+    return blk_start, rows, cu_q, cu_k, _chunks(cu_q.tolist(), cu_k.tolist(), CHUNK_ROWS)
 
 
 # FA2's backward indexes its fp32 dq buffer with 32-bit products of (rows + 128 * segments) * heads * 128, so
@@ -91,7 +91,7 @@ CHUNK_ROWS = 8 << 20
 SEG_ROWS = 128  # the per-segment padding of that index
 
 
-def _chunks(cu_q: list, cu_k: list, limit: int = CHUNK_ROWS) -> list:
+def _chunks(cu_q: list, cu_k: list, limit: int) -> list:
     """[(row range, key range, local cu_q, local cu_k, max_q)] covering every row once, each call's
     rows + SEG_ROWS * segments <= limit. A segment too large on its own is cut into pieces over the same keys
     (their dK/dV add up in the backward)."""

@@ -53,6 +53,7 @@ GRID = [  # (doc lengths, Hq, Hkv, head_dim, block_size, top_k)
     ((1500, 1500), 8, 4, 64, 192, 1),
     ((999, 2048), 1, 1, 128, 64, 4),
     ((4000,), 8, 2, 128, 128, 6),
+    ((0, 1500, 0, 900, 0), 4, 2, 128, 256, 3),  # empty documents (the varlen layout allows them)
 ]
 
 
@@ -102,6 +103,23 @@ def test_fused_select_is_exact(case, dtype):
     q, k, _, cu = packed(lengths, hq, hkv, dim, seed=7, dtype=dtype)
     got = moba_select(q, k, cu, max(lengths), block_size, top_k)
     assert torch.equal(got, reference_select(q, k, cu, max(lengths), block_size, top_k))
+
+
+def test_varlen_in_small_chunks(monkeypatch):
+    """The past pass in chunks far below FA2's index limit: several segments per call, and block 0's segments
+    cut into pieces over the same keys (their dK/dV add up); results as in one call."""
+    from moba_train.ops import varlen
+
+    lengths, hq, hkv, dim, block_size, top_k = (4000,), 8, 2, 128, 256, 3
+    q, k, v, cu = packed(lengths, hq, hkv, dim, seed=9)
+    weight = torch.randn_like(q)
+    whole = run("varlen", q, k, v, cu, max(lengths), block_size, top_k, weight)
+    monkeypatch.setattr(varlen, "CHUNK_ROWS", 3000)
+    _, rows, cu_q, cu_k, chunks = varlen._plan(q, k, cu, max(lengths), block_size, top_k)
+    assert len(chunks) > 4 and max(r1 - r0 for (r0, r1), *_ in chunks) < max(cu_q.diff().tolist())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run("varlen", q, k, v, cu, max(lengths), block_size, top_k,
+                                                          weight), whole):
+        assert_close(f"chunked {name}", a, b)
 
 
 def test_fused_op_queues_without_syncs():
