@@ -113,6 +113,11 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    for key in ("beta1", "beta2"):
+        _require(0 <= getattr(t, key) < 1, f"train.{key}={getattr(t, key)} must be in [0, 1)")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     SeqLenSchedule(d.seq_len_schedule, d.seq_len, t.steps)  # raises ConfigError on a bad stage
 
     _one_of("parallel.cp_mode", p.cp_mode, CP_MODES)

@@ -1,6 +1,7 @@
 """Config tree: recipes compose, and bad values fail with one line naming the key."""
 
 import os
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -40,9 +41,13 @@ def test_recipes_compose():
     # stages are checked with the rest of the config, before the trainer loads any weights
     ("attention.schedule=[{at:0.5,kind:sparse}]", "attention.schedule[0].kind='sparse' is not one of"),
     ("data.seq_len_schedule=[{at:0.0,seq_len:300}]", "data.seq_len_schedule[0].seq_len=300 must divide"),
+    ("train.beta2=1.5", "train.beta2=1.5 must be in [0, 1)"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0 must be in [0, 1]"),
+    ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, match):
-    with pytest.raises(ConfigError, match=match.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(match)):
         load("+exp=tiny", override)
 
 

@@ -17,7 +17,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global grad norm; <= 0: no clipping (the norm is still logged)
     grad_accum: int = 1  # micro-batches per optimizer step
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False
