@@ -1,6 +1,8 @@
-"""Checkpoints: exact resume, SIGTERM save-and-exit, kill during a save, retention, 2 ranks -> 1 rank, clear errors."""
+"""Checkpoints: exact resume, SIGTERM save-and-exit, kill during a save, retention, 2 ranks -> 1 rank, async saves,
+rollback, changed optimizer settings on resume, clear errors."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from moba_train.config import register_configs, to_config
 from moba_train.errors import UserError
 from moba_train.train import checkpoint as ckpt
+from moba_train.train.optim import lr_factor
 from moba_train.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +55,17 @@ def losses(out_dir):
     return out
 
 
+def kill_tree(pid):
+    """SIGKILL the process group of `pid` and those of its children: torchrun starts each worker in a session of
+    its own, and a surviving worker would hold the output pipes open."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for group in (pid, *map(int, children)):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_group(cmd, timeout=300, env=None):
     """Run a command in its own process group; on timeout kill the whole group (torchrun workers included)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -59,7 +73,7 @@ def run_group(cmd, timeout=300, env=None):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -186,23 +200,118 @@ def test_corrupt_checkpoint_names_the_file(straight, tmp_path, damage):
     assert str(err.value).endswith(f"checkpoint.resume={tmp_path}/checkpoints/step_00000001")
 
 
-def test_two_ranks_resume_on_one(tmp_path):
-    """dp=2 (FSDP2, gloo) on Megatron data saves at step 3; one rank with grad_accum=2 continues like the 2-rank
-    run (same global batch, consumed samples carried over)."""
-    two = tmp_path / "two"
+def run_two_ranks(out_dir, *overrides, timeout=300):
+    """launch/pretrain.py under torchrun: dp=2 (FSDP2, gloo) on Megatron data."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "launch/pretrain.py", *SMALL, *DATA, "checkpoint.interval=3", "checkpoint.keep=3", f"train.out_dir={two}"]
-    run = run_group(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+           "launch/pretrain.py", *SMALL, *DATA, *overrides, f"train.out_dir={out_dir}"]
+    run = run_group(cmd, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """A 2-rank run with synchronous saves at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("two")
+    run_two_ranks(out, "checkpoint.interval=3", "checkpoint.keep=3")
+    return out
+
+
+def test_two_ranks_resume_on_one(two_ranks, tmp_path):
+    """dp=2 saves at step 3; one rank with grad_accum=2 continues like the 2-rank run (same global batch,
+    consumed samples carried over)."""
     one = tmp_path / "one"
-    trainer = Trainer(config(one, "train.grad_accum=2", f"checkpoint.resume={two}/checkpoints/step_00000003"))
+    trainer = Trainer(config(one, "train.grad_accum=2", f"checkpoint.resume={two_ranks}/checkpoints/step_00000003"))
     assert trainer.step == 3 and trainer.loader.consumed == 3 * 4
     assert type(trainer.loader.dataset).__name__ == "MegatronData"
     trainer.train()
-    ref, got = losses(two), losses(one)
+    ref, got = losses(two_ranks), losses(one)
     assert sorted(got) == [4, 5, 6]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, got[step], ref[step])
+
+
+
+def test_two_ranks_async_save_every_step(two_ranks, tmp_path):
+    """DCP's background collectives of an async save must not meet the step's on one group (gloo: deadlock)."""
+    run_two_ranks(tmp_path, "checkpoint.interval=1", "checkpoint.keep=2", "checkpoint.async_save=true", timeout=90)
+    assert losses(tmp_path) == losses(two_ranks)
+    root = tmp_path / "checkpoints"
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [5, 6]
+    assert not [n for n in os.listdir(root) if n.startswith(".")]
+    ckpt.verify(str(root / "step_00000006"))
+
+
+def test_async_save_is_published_at_the_next_step_boundary(tmp_path, monkeypatch):
+    """A finished async save is published before the next save starts, not by it."""
+    async_save = ckpt.dcp.async_save
+
+    def finished_at_once(*args, **kwargs):
+        future = async_save(*args, **kwargs)
+        future.result()
+        return future
+
+    monkeypatch.setattr(ckpt.dcp, "async_save", finished_at_once)
+    trainer = Trainer(config(tmp_path, "checkpoint.async_save=true", "checkpoint.interval=2", "train.steps=4"))
+    seen, step = [], trainer.train_step
+
+    def look_during_step_4():
+        if trainer.step == 3:
+            seen.append(sorted(os.listdir(tmp_path / "checkpoints")))
+        return step()
+
+    trainer.train_step = look_during_step_4
+    trainer.train()
+    assert seen == [["step_00000002"]]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_grad_clip_zero_or_negative_means_no_clipping(tmp_path):
+    def one_step(grad_clip):
+        out = tmp_path / str(grad_clip)
+        trainer = Trainer(config(out, "train.steps=1", f"train.grad_clip={grad_clip}"))
+        trainer.train()
+        record = json.loads(open(out / "metrics.jsonl").readline())
+        return trainer.model.state_dict(), record["grad_norm"]
+
+    never_clipped, norm = one_step(1e9)
+    assert norm > 0
+    for grad_clip in (0, -1):
+        weights, logged_norm = one_step(grad_clip)
+        assert logged_norm == norm
+        for name, value in weights.items():
+            assert torch.equal(value, never_clipped[name]), (grad_clip, name)
+
+
+def test_rollback_moves_the_newer_checkpoints_aside(tmp_path):
+    """Resuming from an older checkpoint of the same run: its newer ones go to .abandoned-*, so retention and a
+    later resume=auto see only the branch trained from the rollback."""
+    Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.keep=3")).train()
+    root = tmp_path / "checkpoints"
+    rolled_back = Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.keep=3", "train.steps=4",
+                                 f"checkpoint.resume={root / 'step_00000002'}"))
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
+    (aside,) = [n for n in os.listdir(root) if n.startswith(ckpt.ABANDONED_PREFIX)]
+    assert sorted(os.listdir(root / aside)) == ["step_00000004", "step_00000006"]
+    rolled_back.train()
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2, 4]
+    assert Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.keep=3")).step == 4
+
+
+def test_resume_takes_the_optimizer_settings_of_the_config(tmp_path, caplog):
+    Trainer(config(tmp_path, "train.steps=2", "train.lr=1e-3")).train()
+    cfg = config(tmp_path, "train.steps=4", "train.lr=1e-5", "train.beta2=0.99", "train.weight_decay=0.05")
+    with caplog.at_level(logging.WARNING, logger="moba_train.train.optim"):
+        trainer = Trainer(cfg)
+    assert trainer.step == 2
+    assert "train.lr=1e-05 (checkpoint: 0.001)" in caplog.text and "train.beta2=0.99 (checkpoint: 0.95)" in caplog.text
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.99)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert decay["initial_lr"] == no_decay["initial_lr"] == 1e-5 and trainer.scheduler.base_lrs == [1e-5, 1e-5]
+    trainer.train()
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["lr"]) for r in logged[2:]] == [(3, 1e-5 * lr_factor(2, cfg.train)),
+                                                          (4, 1e-5 * lr_factor(3, cfg.train))]
 
 
 def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path):

@@ -8,8 +8,10 @@ Layout under `<train.out_dir>/checkpoints/`:
       rng_<rank>.pt           torch CPU/CUDA, numpy and python RNG states of each rank
       manifest.json           every file of the checkpoint with its size; written last
     .tmp-step_00000100/       a save in progress (or one that died): never read, removed on the next start
+    .abandoned-<UTC time>/    checkpoints newer than an explicit older one a run was rolled back to
 
 A save writes everything under the temporary name, then rank 0 renames it (atomic on one filesystem).
+An async save is published at the first step boundary at which every rank has finished writing it.
 Older checkpoints beyond `checkpoint.keep` are deleted only after the new one is published. The data
 position is a global sample count, so a run may resume at another dp size with the same global batch.
 
@@ -25,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 from typing import Optional
 
@@ -43,6 +46,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
+ABANDONED_PREFIX = ".abandoned-"
 FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
 
 
@@ -185,6 +189,13 @@ class Checkpointer:
         self.root = os.path.join(out_dir, CHECKPOINT_DIR)
         self.last_saved: Optional[int] = None
         self._pending = None  # (future, tmp, final, step) of an async save
+        # DCP runs an async save's collectives in a background thread: on a gloo group of their own, so they never
+        # interleave with the training step's (a deadlock), and have the CPU backend NCCL lacks. The main thread
+        # agrees on their completion over another group, which the background thread never uses.
+        self._save_group = self._poll_group = None
+        if cfg.async_save and dist.is_initialized():
+            self._save_group = dist.new_group(backend="gloo")
+            self._poll_group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ save
 
@@ -207,7 +218,8 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         state = {"model": model_state, "optim": optim_state}
         if self.cfg.async_save:
-            future = dcp.async_save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._save_group,
+                                    no_dist=not dist.is_initialized())
             self._write_small_files(trainer, tmp, run_info)
             self._pending = (future, tmp, final, step)
             self.last_saved = step
@@ -254,6 +266,17 @@ class Checkpointer:
         future.result()
         self._publish(tmp, final, step)
 
+    def poll(self) -> None:
+        """At a step boundary (all ranks): publish the async save in flight once every rank has written it, so
+        that a crash before the next save does not lose it."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending[0].done())])
+        if self._poll_group is not None:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_group)
+        if done.item():
+            self.wait()
+
     def _retain(self) -> None:
         if self.cfg.keep <= 0:
             return
@@ -261,6 +284,19 @@ class Checkpointer:
             doomed = os.path.join(self.root, TMP_PREFIX + "del-" + os.path.basename(path))
             os.replace(path, doomed)  # never half-deleted under a complete name
             shutil.rmtree(doomed, ignore_errors=True)
+
+    def _abandon_newer(self, step: int) -> None:
+        """Move this run's checkpoints newer than the resumed `step` aside (rank 0): they belong to the branch rolled
+        back from, which retention (by step number) and resume=auto must not take for this one."""
+        newer = [path for s, path in list_checkpoints(self.root) if s > step] if self.is_main else []
+        if newer:
+            aside = os.path.join(self.root, ABANDONED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+            os.makedirs(aside, exist_ok=True)
+            for path in newer:
+                os.replace(path, os.path.join(aside, os.path.basename(path)))
+            log.warning("resumed at step %d, older than this run's newest checkpoint: moved %s to %s", step,
+                        ", ".join(os.path.basename(p) for p in newer), aside)
+        _barrier()
 
     def cleanup_stale(self) -> None:
         """Remove temporary directories of saves that died (rank 0, before the first save)."""
@@ -310,6 +346,7 @@ class Checkpointer:
             if self.cfg.resume != "auto" or not older:
                 raise
             raise CheckpointError(f"{err}; to resume from the previous one: checkpoint.resume={older[-1]}") from None
+        self._abandon_newer(trainer.step)
         for key, value in (run_info or {}).items():
             if key in saved and saved[key] != value:
                 log.warning("resuming with %s=%r, saved with %r: sample order or schedule may differ from the "

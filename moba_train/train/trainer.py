@@ -19,7 +19,7 @@ from moba_train.model.llama import IGNORE_INDEX
 from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
 from moba_train.train.metrics import MetricsLogger
-from moba_train.train.optim import build_optimizer, build_scheduler
+from moba_train.train.optim import apply_config, build_optimizer, build_scheduler
 from moba_train.train.checkpoint import Checkpointer
 from moba_train.train.signals import StopFlag
 from moba_train.train.stages import TrainingStages
@@ -58,7 +58,8 @@ class Trainer:
         self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
                          "seq_len": cfg.data.seq_len, "steps": cfg.train.steps}
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
-        self.checkpointer.resume(self, cfg.train.out_dir, self.run_info)
+        if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info):
+            apply_config(self.optimizer, self.scheduler, cfg.train)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
@@ -81,7 +82,9 @@ class Trainer:
                                      labels=batch["labels"])
             (loss * self.dims.grad_scale / global_tokens).backward()  # FSDP averages; we want the sum
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)  # full norm (FSDP shards)
+        # grad_clip <= 0: no clipping (an infinite bound scales by exactly 1), the norm is still measured
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)  # full norm (FSDP shards)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -113,6 +116,7 @@ class Trainer:
                                            "tokens_per_s": tokens / elapsed})
                     tick, tokens = time.perf_counter(), 0
                 stopping = stop.agreed()
+                self.checkpointer.poll()
                 if self.checkpointer.due(self.step, final=stopping or self.step == cfg.steps):
                     self.checkpointer.save(self, self.run_info)
                 if stopping:
