@@ -173,3 +173,14 @@ def test_reference_stays_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = moba_select(q, k, cu, max_len, 16, 4), moba_attn(q, k, v, cu, max_len, 16, 4, "naive")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_auto_backend_on_cpu_and_the_check_it_uses_on_cuda():
+    """auto: naive on a CPU; on CUDA it asks the fused backend whether it takes the shape (GPU test: the picks)."""
+    from moba_train.ops import resolve_backend
+    from moba_train.ops.fused import check_supported
+
+    q = torch.empty(4, 2, 80)
+    assert resolve_backend("auto", q) == "naive"
+    with pytest.raises(ValueError, match="head_dim"):
+        check_supported(q)

@@ -105,6 +105,15 @@ def test_fused_select_is_exact(case, dtype):
     assert torch.equal(got, reference_select(q, k, cu, max(lengths), block_size, top_k))
 
 
+def test_auto_picks_triton_where_it_applies():
+    from moba_train.ops import resolve_backend
+
+    assert resolve_backend("auto", torch.empty(1, 1, 128, device=DEV, dtype=torch.bfloat16)) == "triton"
+    assert resolve_backend("auto", torch.empty(1, 1, 80, device=DEV, dtype=torch.bfloat16)) == "varlen"
+    assert resolve_backend("auto", torch.empty(1, 1, 80, device=DEV, dtype=torch.float32)) == "naive"
+    assert resolve_backend("auto", torch.empty(1, 1, 128)) == "naive"
+
+
 def test_varlen_in_small_chunks(monkeypatch):
     """The past pass in chunks far below FA2's index limit: several segments per call, and block 0's segments
     cut into pieces over the same keys (their dK/dV add up); results as in one call."""

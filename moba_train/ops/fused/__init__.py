@@ -3,6 +3,6 @@
 Files: layout (block/tile tables), means, gate, routing (row lists per block), fwd, bwd, autograd (the op).
 """
 
-from moba_train.ops.fused.autograd import moba_attn, moba_select
+from moba_train.ops.fused.autograd import check_supported, moba_attn, moba_select
 
-__all__ = ["moba_attn", "moba_select"]
+__all__ = ["check_supported", "moba_attn", "moba_select"]
