@@ -7,40 +7,15 @@ Two flash passes merged by log-sum-exp:
   once as [Hkv * T, 1, D] so each segment is a contiguous key range; the G query heads of a group share
   the segment, so K and V are never copied per query head.
 The backward reruns both flash backward kernels with the merged output and LSE (the gradient of one softmax
-over the union of blocks). Uses flash-attn when installed, else torch's own FA2 ops.
+over the union of blocks). Kernels: `moba_train/ops/flash.py`.
 """
 
 import torch
 from torch import Tensor
 
+from moba_train.ops.flash import flash_bwd, flash_fwd
 from moba_train.ops.gate import moba_select
 from moba_train.ops.offsets import TensorMemo, host_offsets
-
-try:  # optional dependency
-    from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
-except ImportError:
-    _flash_attn_varlen_forward = _flash_attn_varlen_backward = None
-
-
-def _fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    """-> out [N, H, D], lse [H, N] fp32, state the backward needs."""
-    if _flash_attn_varlen_forward is not None:
-        res = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal=causal)
-        return res[0], res[1], None
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0,
-                                                                        causal, False, scale=scale)
-    return out, lse, (rng, unused)
-
-
-def _bwd(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
-    if _flash_attn_varlen_backward is not None:
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_varlen_backward(do, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, 0.0, scale,
-                                    causal, -1, -1, 0.0, None, False)
-        return dq, dk, dv
-    return torch.ops.aten._flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal,
-                                                    state[0], state[1], scale=scale)
-
 
 _blocks = TensorMemo()
 
@@ -125,7 +100,7 @@ class VarlenMoba(torch.autograd.Function):
         hkv = k.shape[1]
         blk_start, rows, cu_q, cu_k, chunks = _plan(q, k, cu_seqlens, max_seqlen, block_size, top_k)
         bmax = min(block_size, max_seqlen)
-        out_self, lse_self, st_self = _fwd(q, k, v, blk_start, blk_start, bmax, bmax, True, scale)
+        out_self, lse_self, st_self = flash_fwd(q, k, v, blk_start, blk_start, bmax, bmax, True, scale)
         lse = lse_self.t()  # [T, Hq]
         out, ctx.past_state = out_self, None
         if rows.numel():
@@ -136,7 +111,7 @@ class VarlenMoba(torch.autograd.Function):
             ctx.past_state = []
             for (r0, r1), (k0, k1), cq, ck, max_q in chunks:
                 cq, ck = (torch.tensor(x, device=q.device, dtype=torch.int32) for x in (cq, ck))
-                o, l_c, st = _fwd(q_flat[rows[r0:r1]], kt[k0:k1], vt[k0:k1], cq, ck, max_q, bmax, False, scale)
+                o, l_c, st = flash_fwd(q_flat[rows[r0:r1]], kt[k0:k1], vt[k0:k1], cq, ck, max_q, bmax, False, scale)
                 out_sel[r0:r1], lse_sel[r0:r1] = o[:, 0], l_c[0, : r1 - r0]
                 ctx.past_state.append(st)
             # merge: lse over own + all selected blocks, then weight every partial output by exp(lse_i - lse)
@@ -164,7 +139,7 @@ class VarlenMoba(torch.autograd.Function):
         hkv = k.shape[1]
         dout = dout.contiguous()
         lse_h = lse.t().contiguous()
-        dq, dk, dv = _bwd(dout, q, k, v, out, lse_h, blk_start, blk_start, bmax, bmax, True, scale, st_self)
+        dq, dk, dv = flash_bwd(dout, q, k, v, out, lse_h, blk_start, blk_start, bmax, bmax, True, scale, st_self)
         if chunks:
             kt, vt = (x.transpose(0, 1).reshape(hkv * tokens, 1, dim) for x in (k, v))
             dk_t, dv_t = torch.zeros_like(kt), torch.zeros_like(vt)
@@ -174,8 +149,8 @@ class VarlenMoba(torch.autograd.Function):
                 cq, ck = (torch.tensor(x, device=q.device, dtype=torch.int32) for x in (cq, ck))
                 r = rows[r0:r1]
                 lse_c = lse.reshape(-1)[r][None].contiguous()
-                dq_c, dk_c, dv_c = _bwd(flat(dout, r), flat(q, r), kt[k0:k1], vt[k0:k1], flat(out, r), lse_c, cq, ck,
-                                        max_q, bmax, False, scale, st)
+                dq_c, dk_c, dv_c = flash_bwd(flat(dout, r), flat(q, r), kt[k0:k1], vt[k0:k1], flat(out, r), lse_c, cq,
+                                             ck, max_q, bmax, False, scale, st)
                 dk_t[k0:k1] += dk_c  # chunks' key ranges overlap where a segment was cut into pieces
                 dv_t[k0:k1] += dv_c
                 dq.index_add_(0, r, dq_c[:, 0])

@@ -1,0 +1,29 @@
+"""Flash varlen attention kernels: flash-attn when it is installed, else torch's own FA2 ops (no GQA copies:
+the kernels take Hq query heads over Hkv key/value heads)."""
+
+import torch
+
+try:  # optional dependency
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
+except ImportError:
+    _flash_attn_varlen_forward = _flash_attn_varlen_backward = None
+
+
+def flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """-> out [N, H, D], lse [H, N] fp32, state the backward needs."""
+    if _flash_attn_varlen_forward is not None:
+        res = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal=causal)
+        return res[0], res[1], None
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0,
+                                                                        causal, False, scale=scale)
+    return out, lse, (rng, unused)
+
+
+def flash_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
+    if _flash_attn_varlen_backward is not None:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_varlen_backward(do, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, 0.0, scale,
+                                    causal, -1, -1, 0.0, None, False)
+        return dq, dk, dv
+    return torch.ops.aten._flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal,
+                                                    state[0], state[1], scale=scale)
