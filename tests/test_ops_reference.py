@@ -184,3 +184,18 @@ def test_auto_backend_on_cpu_and_the_check_it_uses_on_cuda():
     assert resolve_backend("auto", q) == "naive"
     with pytest.raises(ValueError, match="head_dim"):
         check_supported(q)
+
+
+def test_auto_runs_full_attention_where_every_block_is_selected(monkeypatch):
+    """Documents of at most top_k blocks: `auto` takes full attention (same values as the MoBA reference); one
+    more block and it runs MoBA."""
+    import moba_train.ops as ops
+
+    q, k, v, cu, max_len = packed([64, 29, 41], 4, 2, 16, seed=6)
+    calls = []
+    monkeypatch.setattr(ops, "full_attn", lambda *a: calls.append(1) or full_attn(*a))
+    ref = grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, 16, 4, "naive"), q, k, v)
+    assert_same(grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, 16, 4, "auto"), q, k, v), ref)
+    assert calls == [1]
+    moba_attn(q, k, v, cu, max_len, 16, 3, "auto")  # 64 tokens = 4 blocks > top_k 3
+    assert calls == [1]

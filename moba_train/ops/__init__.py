@@ -11,6 +11,7 @@ from torch import Tensor
 from moba_train.ops.full import full_attn
 from moba_train.ops.gate import moba_select as _select_reference
 from moba_train.ops.inputs import check_inputs
+from moba_train.ops.offsets import longest_doc
 
 BACKENDS = ("naive", "varlen", "triton")
 # backend name -> module that defines moba_attn(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, softmax_scale)
@@ -45,6 +46,9 @@ def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
               top_k: int = 12, backend: str = "auto", softmax_scale: float | None = None) -> Tensor:
     """MoBA attention over a packed batch; every backend meets the contract in DESIGN.md.
 
+    `auto` runs a batch whose documents all have at most `top_k` blocks as full attention: every block is
+    selected there, so MoBA is exactly full causal attention (DESIGN.md), and dense kernels do it faster.
+
     cu_seqlens' values are read on the host once per tensor (ops/offsets.py): rewrite it in place only through
     the tensor itself (`cu.copy_(...)`), never behind its version counter (`cu.data`), or pass a new tensor.
     """
@@ -52,6 +56,8 @@ def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     if q.shape[0] == 0:  # an empty batch attends to nothing; clone keeps q's autograd graph
         return q.clone()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if backend == "auto" and longest_doc(cu_seqlens) <= top_k * block_size:
+        return full_attn(q, k, v, cu_seqlens, max_seqlen, scale)
     module = importlib.import_module(_MODULES[resolve_backend(backend, q)])
     return module.moba_attn(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, scale)
 
