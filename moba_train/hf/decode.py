@@ -78,9 +78,12 @@ def gated_step(query: Tensor, key: Tensor, value: Tensor, state: LayerMeans, blo
     batch, hq, _, dim = query.shape
     hkv, length = key.shape[1], key.shape[2]
     own = [(length - 1 - start) // block_size for start in state.starts]
-    state.extend(key, own)
     device = key.device
     starts = state.starts_t
+    if max(own) < top_k:  # every block is selected: exactly full attention (the means wait for a later step)
+        real = None if not any(state.starts) else (torch.arange(length, device=device) >= starts[:, None])
+        return attend(query, key, value, None if real is None else real[:, None, None], scale)
+    state.extend(key, own)
     own_t = (length - 1 - starts) // block_size
     idx = pick_blocks(score_blocks(query, state.means[:, :, : max(own)]), own_t[:, None, None], top_k)
     idx = idx[:, :, 0]  # [B, Hq, k]
