@@ -199,3 +199,15 @@ def test_auto_runs_full_attention_where_every_block_is_selected(monkeypatch):
     assert calls == [1]
     moba_attn(q, k, v, cu, max_len, 16, 3, "auto")  # 64 tokens = 4 blocks > top_k 3
     assert calls == [1]
+
+
+def test_full_attention_over_equal_documents_is_one_batched_call():
+    """Rows of one length go to SDPA as a batch: the same as one call per document (and as MoBA covering all)."""
+    from moba_train.ops.full import per_doc_sdpa
+
+    q, k, v, cu, max_len = packed([32, 32, 32], 4, 2, 8, seed=12)
+    spans = [(0, 32), (32, 64), (64, 96)]
+    assert_same(grads(lambda q, k, v: full_attn(q, k, v, cu, max_len), q, k, v),
+                grads(lambda q, k, v: per_doc_sdpa(q, k, v, spans, None), q, k, v))
+    assert_same(grads(lambda q, k, v: full_attn(q, k, v, cu, max_len), q, k, v),
+                grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, 8, 4, "naive"), q, k, v))

@@ -2,11 +2,9 @@
 
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-# Not cuDNN: it builds an execution plan for every new key length (~5 ms per layer call on an H100), and a
-# decode step grows the cache by one, so every step would pay it; measured in docs/benchmarks.md.
-BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from moba_train.ops.flash import SDPA_NO_CUDNN
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
@@ -23,6 +21,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float
         allowed = allowed.repeat(1, 1, group, 1) if n_q > 1 else allowed
     elif allowed is not None:
         allowed = allowed.reshape(batch, hkv, group * n_q, length)
-    with sdpa_kernel(BACKENDS):
+    with sdpa_kernel(SDPA_NO_CUDNN):  # a decode step grows the cache by one: a new length every step
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=allowed, scale=scale)
     return out.reshape(batch, hq, n_q, dim)

@@ -2,6 +2,12 @@
 the kernels take Hq query heads over Hkv key/value heads)."""
 
 import torch
+from torch.nn.attention import SDPBackend
+
+# SDPA backends without cuDNN, for inputs whose lengths change from call to call (packed documents, a growing
+# KV cache): cuDNN builds an execution plan for every new length, ~0.1 s per length for fwd+bwd at 4-16K tokens
+# on an H100 (docs/benchmarks.md), and caches it only for that exact shape.
+SDPA_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 try:  # optional dependency
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward

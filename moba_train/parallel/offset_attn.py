@@ -10,13 +10,16 @@ The local queries are a few contiguous pieces of the global token stream (`Segme
   still O(T x top_k x block_size), never a dense T x T.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from moba_train.ops.flash import SDPA_NO_CUDNN
 from moba_train.ops.offsets import host_offsets
 
 
@@ -70,7 +73,11 @@ def offset_attn(core, q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], 
     if core.kind == "moba":
         return _moba_local(core, q, k, v, segments, cu_seqlens, max_seqlen)
     scale = core.softmax_scale if core.softmax_scale is not None else q.shape[-1] ** -0.5
+    offsets = host_offsets(cu_seqlens)
+    # several documents: piece lengths change from step to step, and cuDNN would plan each new one (ops/flash.py)
+    backends = sdpa_kernel(SDPA_NO_CUDNN) if len(offsets) > 2 else nullcontext()
     outs = []
-    for local, doc_start, q0, q1 in pieces(segments, host_offsets(cu_seqlens)):
-        outs.append(_full_piece(q[local:local + q1 - q0], k[doc_start:q1], v[doc_start:q1], scale))
+    with backends:
+        for local, doc_start, q0, q1 in pieces(segments, offsets):
+            outs.append(_full_piece(q[local:local + q1 - q0], k[doc_start:q1], v[doc_start:q1], scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
