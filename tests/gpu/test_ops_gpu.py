@@ -105,17 +105,21 @@ def test_fused_select_is_exact(case, dtype):
     assert torch.equal(got, reference_select(q, k, cu, max(lengths), block_size, top_k))
 
 
-def test_full_attention_in_one_packed_call():
-    """Many short documents take one flash varlen call: same results as per-document SDPA in fp32."""
-    from moba_train.ops import full_attn
+@pytest.mark.parametrize("lengths,path", [((700, 1300, 0, 2100, 517), "packed"), ((1024, 1024, 0, 1024), "batched")])
+def test_full_attention_in_one_call(lengths, path, monkeypatch):
+    """Documents of different lengths take one flash varlen call, of one length one batched SDPA call: the same
+    results as per-document SDPA in fp32."""
+    from moba_train.ops import full, full_attn
     from moba_train.ops.full import per_doc_sdpa
 
-    lengths = (700, 1300, 0, 2100, 517)
+    taken, packed_call, batched_call = [], full.PackedCausal.apply, full.equal_docs_sdpa
+    monkeypatch.setattr(full.PackedCausal, "apply", lambda *a: taken.append("packed") or packed_call(*a))
+    monkeypatch.setattr(full, "equal_docs_sdpa", lambda *a: taken.append("batched") or batched_call(*a))
     q, k, v, cu = packed(lengths, 8, 2, 128, seed=4)
     weight = torch.randn_like(q)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out = full_attn(*leaves, cu, max(lengths))
-    assert type(out.grad_fn).__name__ == "PackedCausalBackward"
+    assert taken == [path]
     got = [out.detach(), *torch.autograd.grad(out, leaves, weight)]
     spans = [(a, b) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
     wide = [x.float().requires_grad_() for x in (q, k, v)]
