@@ -35,10 +35,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", help="prompt text (default: filler text with a hidden pass key)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--prompt-tokens", type=int, default=8192, help="length of the default prompt, in tokens")
-    p.add_argument("--block-size", type=int, default=4096)
-    p.add_argument("--top-k", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="default: the model's moba_block_size (ours-to-hf writes it), else 4096")
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's moba_top_k, else 12")
     p.add_argument("--backend", default="auto", help="MoBA op backend for prefill: auto | naive | varlen | triton")
-    p.add_argument("--full-attn-last-k", type=int, default=0, help="the last N layers use full attention")
+    p.add_argument("--full-attn-last-k", type=int, default=None,
+                   help="the last N layers use full attention (default: the model's moba_full_attn_last_k, else 0)")
     p.add_argument("--full-decode", action="store_true", help="decode with full attention (reference behaviour)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
         check_moba_support(config)
         from moba_train.hf import register_moba
 
+        for flag, default in (("block_size", 4096), ("top_k", 12), ("full_attn_last_k", 0)):
+            if getattr(args, flag) is None:  # what the model was trained with, as its config records it
+                setattr(args, flag, getattr(config, f"moba_{flag}", None) or default)
         register_moba(args.block_size, args.top_k, args.backend, args.full_attn_last_k, args.full_decode)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         fail(f"cannot load {path} with attn_implementation={args.attn!r}: {err}")
 
+    for flag in ("block_size", "top_k", "full_attn_last_k"):  # config keys win over registered settings: set them
+        if args.attn != "sdpa":
+            setattr(model.config, f"moba_{flag}", getattr(args, flag))
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     if args.attn != "sdpa" and not attention:
         fail(f"{type(model).__name__} has no attention modules that use transformers' attention interface")

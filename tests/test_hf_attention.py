@@ -277,3 +277,18 @@ def test_gpu_prefill_and_decode(path, dtype, monkeypatch):
     cache = DynamicCache(config=hf.config)
     got = step_logits(hf, x, cache, [1000] + [1] * 100).float()
     assert (got[:, 1000:] - want[:, 1000:]).abs().max().item() < tol * scale
+
+
+@torch.no_grad()
+def test_prefill_under_autocast():
+    """Under autocast transformers' RoPE hands over fp32 q, k next to a bf16 v: prefill attends in bf16. With a
+    covering selection (8 blocks, top_k 8) there are no gate near-ties to flip, so only bf16 rounding differs."""
+    hf = hf_model("moba")
+    x = ids(2, 30)
+    for top_k in (2, 8):
+        register_moba(block_size=4, top_k=top_k)
+        want = hf(x, use_cache=False).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = hf(x, use_cache=False).logits
+        assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()

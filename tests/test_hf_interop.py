@@ -150,3 +150,17 @@ def test_clear_errors(tmp_path, capsys):
     assert convert_script().main(["hf-to-ours", path, str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "no model.safetensors" in err
+
+
+def test_lineage_is_recorded_absolute(tmp_path, monkeypatch):
+    """A conversion run with relative paths records where it came from absolutely: from another working
+    directory, the consolidated dir still leads back to the HF dir (and its token ids)."""
+    from moba_train.model.pretrained import lineage, special_token_ids
+
+    make_hf(tmp_path, bos_token_id=5, eos_token_id=6)
+    monkeypatch.chdir(tmp_path)
+    assert convert_script().main(["hf-to-ours", "hf", "ours"]) == 0
+    monkeypatch.chdir(tmp_path.parent)
+    ours = str(tmp_path / "ours")
+    assert list(lineage(ours)) == [ours, str(tmp_path / "hf")]
+    assert special_token_ids(ours) == {"bos_token_id": 5, "eos_token_id": 6}

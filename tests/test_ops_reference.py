@@ -211,3 +211,28 @@ def test_full_attention_over_equal_documents_is_one_batched_call():
                 grads(lambda q, k, v: per_doc_sdpa(q, k, v, spans, None), q, k, v))
     assert_same(grads(lambda q, k, v: full_attn(q, k, v, cu, max_len), q, k, v),
                 grads(lambda q, k, v: moba_attn(q, k, v, cu, max_len, 8, 4, "naive"), q, k, v))
+
+
+def test_flash_groups_stay_under_the_index_limit(monkeypatch):
+    """Packed full attention splits documents into calls within FA2's 32-bit index; every document once, in order."""
+    from moba_train.ops import full
+
+    monkeypatch.setattr(full, "CHUNK_ROWS", 4000)
+    spans, start = [], 0
+    for n in (300, 50, 900, 10, 2000, 120, 40):
+        spans.append((start, start + n))
+        start += n
+    groups = full.flash_groups(spans, heads=2)
+    assert [s for g in groups for s in g] == spans
+    for g in groups:
+        assert len(g) == 1 or (g[-1][1] - g[0][0] + full.SEG_ROWS * len(g)) * 2 <= 4000
+    assert [len(g) for g in groups] == [4, 1, 2]  # 2000 tokens + 128 > 4000 / 2: alone (SDPA takes it)
+
+
+def test_equal_documents_split_into_calls_within_the_index_limit(monkeypatch):
+    from moba_train.ops import full
+
+    q, k, v, cu, max_len = packed([16] * 6, 4, 2, 8, seed=13)
+    want = grads(lambda q, k, v: full.equal_docs_sdpa(q, k, v, 16, None), q, k, v)
+    monkeypatch.setattr(full, "CHUNK_ROWS", 2 * 16 * 4)  # two documents per call
+    assert_same(grads(lambda q, k, v: full.equal_docs_sdpa(q, k, v, 16, None), q, k, v), want)

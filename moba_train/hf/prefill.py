@@ -50,6 +50,10 @@ def prefill(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, posi
         return x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
 
     q, k, v = rows(query), rows(key), rows(value)
+    # under autocast transformers' RoPE hands over fp32 q, k next to a lower-precision v: attend in one dtype
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     index, cu, max_seqlen = varlen_layout(mask, position_ids, batch, seq, query.device)
     if index is not None:
         if index.numel() == 0:

@@ -248,7 +248,7 @@ def from_hf(path: str, attn_cfg: Optional[AttentionConfig] = None, dtype: Union[
     config_path = os.path.join(path, CONFIG_FILE)
     hf = read_json(config_path)
     cfg = config_from_hf(hf, where=config_path)
-    cfg = apply_overrides(cfg, {"init_from": path, **overrides}, config_path)
+    cfg = apply_overrides(cfg, {"init_from": os.path.abspath(path), **overrides}, config_path)
     files = weight_files(path)
     model = build_empty(cfg, attn_cfg, resolve_dtype(dtype, hf_dtype(hf)), device)
     load_weights(model, files, rename=our_name)

@@ -72,7 +72,8 @@ def load_consolidated(path: str, attn_cfg: Optional[AttentionConfig] = None,
                       **overrides: Any) -> Llama:
     config_path = os.path.join(path, hf.CONFIG_FILE)
     meta = hf.read_json(config_path)
-    cfg = hf.apply_overrides(_model_config(meta, config_path), {"init_from": path, **overrides}, config_path)
+    recorded = {"init_from": os.path.abspath(path), **overrides}  # absolute: lineage() is read from any cwd
+    cfg = hf.apply_overrides(_model_config(meta, config_path), recorded, config_path)
     files = hf.weight_files(path)
     declared = hf.hf_dtype(meta)  # reads the top-level "dtype"
     model = hf.build_empty(cfg, attn_cfg, hf.resolve_dtype(dtype, declared), device)
@@ -221,7 +222,7 @@ def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
     if is_dcp_dir(path):
         run_dir = find_run_model_config(path)
         if run_dir is None:  # written before runs recorded their architecture: model.* must describe it
-            return dataclasses.replace(model_cfg, init_from=path)
+            return dataclasses.replace(model_cfg, init_from=os.path.abspath(path))
         config_path, ckpt_cfg = os.path.join(run_dir, RUN_MODEL_CONFIG), read_config(run_dir, RUN_MODEL_CONFIG)
     elif checkpoint_kind(path) == "hf":
         config_path = os.path.join(path, hf.CONFIG_FILE)
@@ -229,7 +230,7 @@ def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
     else:
         config_path, ckpt_cfg = os.path.join(path, hf.CONFIG_FILE), read_config(path)
     overrides = _check_shapes(ckpt_cfg, config_overrides(model_cfg), config_path)
-    return dataclasses.replace(ckpt_cfg, **overrides, init_from=path)
+    return dataclasses.replace(ckpt_cfg, **overrides, init_from=os.path.abspath(path))
 
 
 def init_model(model_cfg: ModelConfig, attn_cfg: AttentionConfig, device: Union[str, torch.device]) -> Llama:

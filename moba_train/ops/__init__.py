@@ -8,7 +8,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from moba_train.ops.full import full_attn
+from moba_train.ops.full import flash_takes, full_attn
 from moba_train.ops.gate import moba_select as _select_reference
 from moba_train.ops.inputs import check_inputs
 from moba_train.ops.offsets import longest_doc
@@ -31,12 +31,12 @@ def _triton_usable(q: Tensor) -> bool:
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
-    """`auto` -> the fastest backend usable for `q` (triton, else varlen on CUDA fp16/bf16, else naive); an
+    """`auto` -> the fastest backend usable for `q` (triton, else varlen where FA2 takes q, else naive); an
     unknown name is an error, never a fallback."""
     if backend == "auto":
         if _triton_usable(q):
             return "triton"
-        return "varlen" if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) else "naive"
+        return "varlen" if flash_takes(q) else "naive"
     if backend not in BACKENDS:
         raise ValueError(f"attention.backend={backend!r} is not one of {('auto',) + BACKENDS}")
     return backend

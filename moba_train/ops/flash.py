@@ -9,6 +9,11 @@ from torch.nn.attention import SDPBackend
 # on an H100 (docs/benchmarks.md), and caches it only for that exact shape.
 SDPA_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# FA2's backward indexes its fp32 dq buffer with 32-bit products of (rows + 128 * sequences) * heads * 128, so
+# one call keeps (rows + 128 * sequences) * heads well under 2**31 / 128 (16.7M); callers split larger inputs.
+CHUNK_ROWS = 8 << 20
+SEG_ROWS = 128  # the per-sequence padding of that index
+
 try:  # optional dependency
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
 except ImportError:

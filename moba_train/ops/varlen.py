@@ -13,7 +13,7 @@ over the union of blocks). Kernels: `moba_train/ops/flash.py`.
 import torch
 from torch import Tensor
 
-from moba_train.ops.flash import flash_bwd, flash_fwd
+from moba_train.ops.flash import CHUNK_ROWS, SEG_ROWS, flash_bwd, flash_fwd
 from moba_train.ops.gate import moba_select
 from moba_train.ops.offsets import TensorMemo, host_offsets
 
@@ -58,12 +58,6 @@ def _plan(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size:
     cu_k = (torch.arange(hkv, device=q.device)[:, None] * tokens + blk_start[None, :-1]).flatten()
     cu_k = torch.cat([cu_k, cu_k.new_tensor([hkv * tokens])]).int()
     return blk_start, rows, cu_q, cu_k, _chunks(cu_q.tolist(), cu_k.tolist(), CHUNK_ROWS)
-
-
-# FA2's backward indexes its fp32 dq buffer with 32-bit products of (rows + 128 * segments) * heads * 128, so
-# one call must keep rows + 128 * segments well under 2**31 / 128 (16.7M): the past pass runs in chunks.
-CHUNK_ROWS = 8 << 20
-SEG_ROWS = 128  # the per-segment padding of that index
 
 
 def _chunks(cu_q: list, cu_k: list, limit: int) -> list:
