@@ -21,6 +21,8 @@ import torch  # noqa: E402
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
+# MoBA settings given by flags, else by the model config's moba_* keys, else these defaults
+MOBA_DEFAULTS = {"block_size": 4096, "top_k": 12, "full_attn_last_k": 0}
 
 
 def fail(message: str) -> None:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_moba_support(config)
         from moba_train.hf import register_moba
 
-        for flag, default in (("block_size", 4096), ("top_k", 12), ("full_attn_last_k", 0)):
+        for flag, default in MOBA_DEFAULTS.items():
             if getattr(args, flag) is None:  # what the model was trained with, as its config records it
                 setattr(args, flag, getattr(config, f"moba_{flag}", None) or default)
         register_moba(args.block_size, args.top_k, args.backend, args.full_attn_last_k, args.full_decode)
@@ -146,8 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         fail(f"cannot load {path} with attn_implementation={args.attn!r}: {err}")
 
-    for flag in ("block_size", "top_k", "full_attn_last_k"):  # config keys win over registered settings: set them
-        if args.attn != "sdpa":
+    if args.attn != "sdpa":  # config keys win over registered settings: set them to the effective ones
+        for flag in MOBA_DEFAULTS:
             setattr(model.config, f"moba_{flag}", getattr(args, flag))
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     if args.attn != "sdpa" and not attention:

@@ -176,8 +176,11 @@ def tokenizer_dir(path: str) -> Optional[str]:
 def special_token_ids(path: str) -> dict[str, int]:
     """bos/eos/pad token ids of the HF config at the root of `path`'s lineage (our configs do not carry them)."""
     for p in lineage(path):
-        if os.path.isfile(os.path.join(p, hf.CONFIG_FILE)) and checkpoint_kind(p) == "hf":
-            data = hf.read_json(os.path.join(p, hf.CONFIG_FILE))
+        config_path = os.path.join(p, hf.CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            continue
+        data = hf.read_json(config_path)
+        if data.get("format") != FORMAT:  # a HF config (checkpoint_kind's test, on the one read)
             return {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
     return {}
 

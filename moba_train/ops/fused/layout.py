@@ -75,8 +75,8 @@ def _layout(offsets: tuple, block_size: int, tile_m: int, device: torch.device) 
     tile_idx = torch.arange(len(tile_blk)) - (torch.cumsum(tiles_per_blk, 0) - tiles_per_blk)[tile_blk]
     q_tiles = torch.stack([blk_start[tile_blk] + tile_idx * tile_m, tile_blk], 1)
     dev = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
-    return Layout(block_size, len(blk_len), int((lengths > 0).sum()), dev(blk_start), dev(blk_len), dev(blk_local), dev(q_tiles),
-                  tile_m, blk_start, blk_len)
+    return Layout(block_size, len(blk_len), int((lengths > 0).sum()), dev(blk_start), dev(blk_len), dev(blk_local),
+                  dev(q_tiles), tile_m, blk_start, blk_len)
 
 
 @triton.jit
