@@ -4,9 +4,9 @@
 
 Model: random Llama, 8 layers, 32 query / 8 KV heads, head_dim 128 (hidden 4096), bf16, batch 1. For each prompt
 length: one prefill (timed on the second of two runs) with a DynamicCache, then greedy decode steps (MoBA: gated,
-then the same cache decoded with full attention, the reference code's behaviour). MoBA rows also check the first
-gated decode step against a MoBA prefill of the same tokens ("dec-vs-pre": max |logit difference|, bf16).
-Prints a table; writes JSON.
+then the same cache decoded with full attention, the reference code's behaviour, then on CUDA gated again without
+the fused decode kernel, "torch-dec"). MoBA rows also check the first gated decode step against a MoBA prefill of
+the same tokens ("dec-vs-pre": max |logit difference|, bf16). Prints a table; writes JSON.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import moba_train.hf.decode as hf_decode  # noqa: E402
 from moba_train.hf import register_moba  # noqa: E402
 from moba_train.ops import resolve_backend  # noqa: E402
 
@@ -111,12 +112,20 @@ def run(model: LlamaForCausalLM, attn: str, length: int, steps: int, moba: tuple
         _, full_s = timed(lambda: decode(steps))
         row["full_decode_ms"] = 1e3 * full_s / steps
         register_moba(block_size=moba[0], top_k=moba[1], backend=backend)
+        if cuda:  # gated decode without the fused kernel (gather or masked pass in torch), same cache
+            hf_decode.DECODE_KERNEL = False
+            try:
+                decode(2)
+                _, torch_s = timed(lambda: decode(steps))
+            finally:
+                hf_decode.DECODE_KERNEL = True
+            row["torch_decode_ms"] = 1e3 * torch_s / steps
     return row
 
 
 def table(rows: list[dict]) -> str:
     head = (f"{'attn':<18} {'length':>7} {'prefill s':>9} {'tok/s':>8} {'peak GiB':>8} {'decode ms':>9} "
-            f"{'1st dec ms':>10} {'full-dec ms':>11} {'dec-vs-pre':>10}")
+            f"{'1st dec ms':>10} {'full-dec ms':>11} {'torch-dec ms':>12} {'dec-vs-pre':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -124,10 +133,11 @@ def table(rows: list[dict]) -> str:
             continue
         name = r["attn"] if "block_size" not in r else f"moba {r['block_size']}/{r['top_k']}"
         full = f"{r['full_decode_ms']:>11.2f}" if "full_decode_ms" in r else f"{'':>11}"
+        gated_torch = f"{r['torch_decode_ms']:>12.2f}" if "torch_decode_ms" in r else f"{'':>12}"
         check = f"{r['decode_vs_prefill_maxdiff']:>10.2e}" if "decode_vs_prefill_maxdiff" in r else ""
         lines.append(f"{name:<18} {r['length']:>7} {r['prefill_s']:>9.3f} {r['prefill_tok_s']:>8.0f} "
                      f"{r['prefill_peak_gib']:>8.1f} {r['decode_ms']:>9.2f} {r['first_decode_ms']:>10.1f} "
-                     f"{full} {check}")
+                     f"{full} {gated_torch} {check}")
     return "\n".join(lines)
 
 

@@ -251,7 +251,7 @@ def test_hf_generate_script(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
-@pytest.mark.parametrize("path", ["dense", "gather"])
+@pytest.mark.parametrize("path", ["kernel", "dense", "gather"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_prefill_and_decode(path, dtype, monkeypatch):
     """On the GPU: "moba" (fused kernels) prefill == "moba_naive"; gated decode == prefill.
@@ -260,6 +260,7 @@ def test_gpu_prefill_and_decode(path, dtype, monkeypatch):
     layer's output moves the second layer's gate scores by ~1e-3 and flips its near-tied block choices (random
     weights make scores nearly tied), so rows would differ by design rather than by a defect.
     """
+    monkeypatch.setattr(hf_decode, "DECODE_KERNEL", path == "kernel")
     monkeypatch.setattr(hf_decode, "GATHER_FRACTION", 1e9 if path == "gather" else 0.0)
     register_moba(block_size=64, top_k=3, backend="triton")  # the fused kernels by name, not by "auto"
     torch.manual_seed(0)

@@ -22,6 +22,9 @@ from moba_train.ops.gate import pick_blocks, picked_table
 # that gathering 1.5x the cache still wins (H100, 8 layers, 128K, 4096/12: 37.8 vs 48.8 ms per token; at 32K,
 # 1024/8, 0.25x: 18.3-19.4 vs 18.6-18.9).
 GATHER_FRACTION = 1.5
+# On CUDA the selected blocks are read in place by one Triton kernel (`ops/fused/decode.py`) instead; tests switch
+# it off to cover the torch paths on the GPU too.
+DECODE_KERNEL = True
 
 
 class LayerMeans:
@@ -89,6 +92,11 @@ def gated_step(query: Tensor, key: Tensor, value: Tensor, state: LayerMeans, blo
     own_t = (length - 1 - starts) // block_size
     idx = pick_blocks(score_blocks(query, state.means[:, :, : max(own)]), own_t[:, None, None], top_k)
     idx = idx[:, :, 0]  # [B, Hq, k]
+    if DECODE_KERNEL and query.is_cuda:
+        from moba_train.ops.fused.decode import decode_attn, decode_supported  # triton only where it runs
+
+        if decode_supported(query, key, value):
+            return decode_attn(query, key, value, idx, starts, block_size, scale)
     if hq * top_k * block_size <= GATHER_FRACTION * hkv * length:
         slots = (starts[:, None, None] + idx.clamp(min=0) * block_size)[..., None] + torch.arange(block_size,
                                                                                                   device=device)

@@ -1,0 +1,90 @@
+"""The fused decode kernel (`moba_train/ops/fused/decode.py`) against dense float64 attention over the same keys.
+
+On the CPU the kernel runs in Triton's interpreter, in a child process with TRITON_INTERPRET=1 (this file is its
+script), as in test_ops_backends.py. On a GPU, tests/test_hf_attention.py runs it inside gated decode.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# (batch, Hq, Hkv, head_dim, block_size, top_k, cache length): left padding, GQA, short own blocks, unused slots
+CASES = [
+    (2, 4, 2, 16, 16, 3, 70),
+    (3, 2, 1, 32, 24, 4, 100),  # block size not a power of two: masked key chunks
+    (1, 4, 4, 16, 16, 8, 40),  # fewer past blocks than slots: -1 entries
+]
+
+
+def dense_reference(q, k, v, idx, starts, block_size, scale):
+    """Softmax over the keys of the selected blocks, written out per (row, head) in float64."""
+    batch, hq, _, dim = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    out = torch.zeros(batch, hq, 1, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(hq):
+            slots = [s for blk in idx[b, h].tolist() if blk >= 0
+                     for s in range(starts[b] + blk * block_size, min(starts[b] + (blk + 1) * block_size, length))]
+            keys, vals = k[b, h // (hq // hkv), slots].double(), v[b, h // (hq // hkv), slots].double()
+            out[b, h, 0] = (torch.softmax(keys @ q[b, h, 0].double() * scale, 0) @ vals).cpu()
+    return out
+
+
+def run_case(batch, hq, hkv, dim, block_size, top_k, length, seed, device="cpu", dtype=torch.float32):
+    from moba_train.ops.fused.decode import decode_attn
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, 1, dim, generator=gen).to(device, dtype)
+    k, v = (torch.randn(batch, hkv, length, dim, generator=gen).to(device, dtype) for _ in range(2))
+    starts = torch.randint(0, block_size + 5, (batch,), generator=gen)
+    idx = torch.full((batch, hq, top_k), -1, dtype=torch.long)
+    for b in range(batch):
+        own = (length - 1 - int(starts[b])) // block_size
+        for h in range(hq):
+            past = torch.randperm(own, generator=gen)[: top_k - 1]
+            idx[b, h, : len(past)] = past
+            idx[b, h, -1] = own
+    got = decode_attn(q, k, v, idx.to(device), starts.to(device), block_size, dim ** -0.5)
+    ref = dense_reference(q, k, v, idx, starts.tolist(), block_size, dim ** -0.5)
+    return {"err": float((got.double().cpu() - ref).abs().max() / ref.abs().max()),
+            "unused_slots": int((idx < 0).sum())}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if torch.cuda.is_available():
+        pytest.skip("interpreter cases run on CPU-only machines; tests/test_hf_attention.py covers the GPU")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
+def test_decode_kernel_matches_dense(interpreted, case):
+    assert interpreted[case]["err"] < 2e-5, interpreted[case]
+
+
+def test_cases_cover_unused_slots(interpreted):
+    assert interpreted[2]["unused_slots"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block_size,top_k", [(4096, 12), (1024, 8)])
+def test_gpu_decode_kernel_at_128k(block_size, top_k):
+    """bf16 at a real size: 2 left-padded rows, 32/8 heads, head_dim 128, a 128K cache; error relative to the
+    largest output entry (bf16 inputs and output, fp32 inside)."""
+    res = run_case(2, 32, 8, 128, block_size, top_k, 131072, seed=0, device="cuda", dtype=torch.bfloat16)
+    assert res["err"] < 1e-2, res
+
+
+if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
+    print(json.dumps([run_case(*case, seed=i) for i, case in enumerate(CASES)]))
