@@ -1,4 +1,5 @@
-"""The fused decode kernel (`moba_train/ops/fused/decode.py`) against dense float64 attention over the same keys.
+"""The fused decode kernels (`moba_train/ops/fused/decode.py`): the gate against the torch rule, the attention
+against dense float64 attention over the same keys.
 
 On the CPU the kernel runs in Triton's interpreter, in a child process with TRITON_INTERPRET=1 (this file is its
 script), as in test_ops_backends.py. On a GPU, tests/test_hf_attention.py runs it inside gated decode.
@@ -17,6 +18,7 @@ CASES = [
     (2, 4, 2, 16, 16, 3, 70),
     (3, 2, 1, 32, 24, 4, 100),  # block size not a power of two: masked key chunks
     (1, 4, 4, 16, 16, 8, 40),  # fewer past blocks than slots: -1 entries
+    (2, 2, 1, 16, 16, 5, 2200),  # more past blocks (137) than one score chunk (64)
 ]
 
 
@@ -51,7 +53,25 @@ def run_case(batch, hq, hkv, dim, block_size, top_k, length, seed, device="cpu",
     got = decode_attn(q, k, v, idx.to(device), starts.to(device), block_size, dim ** -0.5)
     ref = dense_reference(q, k, v, idx, starts.tolist(), block_size, dim ** -0.5)
     return {"err": float((got.double().cpu() - ref).abs().max() / ref.abs().max()),
-            "unused_slots": int((idx < 0).sum())}
+            "unused_slots": int((idx < 0).sum()), "gate_equal": gate_equal(q, k, starts, block_size, top_k)}
+
+
+def gate_equal(q, k, starts, block_size, top_k) -> bool:
+    """decode_gate's selections (as sets) against the torch rule, `pick_blocks` over `score_blocks`, with each
+    row's block means in a buffer wider than its complete blocks (the decode state grows by doubling)."""
+    from moba_train.hf.routing import doc_block_means, score_blocks
+    from moba_train.ops.fused.decode import decode_gate
+    from moba_train.ops.gate import pick_blocks
+
+    length = k.shape[2]
+    own = [(length - 1 - int(s)) // block_size for s in starts]
+    means = torch.zeros(k.shape[0], k.shape[1], 2 * max(own) + 3, k.shape[3], device=k.device)
+    for b, (start, n) in enumerate(zip(starts.tolist(), own)):
+        means[b, :, :n] = doc_block_means(k[b, :, start:], n, block_size)
+    got = decode_gate(q, means, starts.to(k.device), length, block_size, top_k, max(own))
+    own_t = torch.tensor(own, device=k.device)[:, None, None]
+    want = pick_blocks(score_blocks(q, means[:, :, : max(own)]), own_t, top_k)[:, :, 0]
+    return bool(torch.equal(got.long().sort(-1).values, want.sort(-1).values))
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +87,16 @@ def interpreted():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("pieces", ["split", "whole"])
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
-def test_decode_kernel_matches_dense(interpreted, case):
-    assert interpreted[case]["err"] < 2e-5, interpreted[case]
+def test_decode_kernel_matches_dense(interpreted, case, pieces):
+    res = interpreted[pieces][case]
+    assert res["err"] < 2e-5, res
+    assert res["gate_equal"], "decode gate selected other blocks than the torch rule"
 
 
 def test_cases_cover_unused_slots(interpreted):
-    assert interpreted[2]["unused_slots"] > 0
+    assert interpreted["whole"][2]["unused_slots"] > 0
 
 
 @pytest.mark.gpu
@@ -83,8 +106,19 @@ def test_gpu_decode_kernel_at_128k(block_size, top_k):
     """bf16 at a real size: 2 left-padded rows, 32/8 heads, head_dim 128, a 128K cache; error relative to the
     largest output entry (bf16 inputs and output, fp32 inside)."""
     res = run_case(2, 32, 8, 128, block_size, top_k, 131072, seed=0, device="cuda", dtype=torch.bfloat16)
-    assert res["err"] < 1e-2, res
+    assert res["err"] < 1e-2 and res["gate_equal"], res
+
+
+def split_and_whole():
+    """Blocks split into pieces (PIECE 8: 2-3 per block) and whole (PIECE larger than the blocks)."""
+    from moba_train.ops.fused import decode
+
+    results = {}
+    for name, piece in (("split", 8), ("whole", 1024)):
+        decode.PIECE = piece
+        results[name] = [run_case(*case, seed=i) for i, case in enumerate(CASES)]
+    return results
 
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
-    print(json.dumps([run_case(*case, seed=i) for i, case in enumerate(CASES)]))
+    print(json.dumps(split_and_whole()))

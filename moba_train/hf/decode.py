@@ -22,8 +22,8 @@ from moba_train.ops.gate import pick_blocks, picked_table
 # that gathering 1.5x the cache still wins (H100, 8 layers, 128K, 4096/12: 37.8 vs 48.8 ms per token; at 32K,
 # 1024/8, 0.25x: 18.3-19.4 vs 18.6-18.9).
 GATHER_FRACTION = 1.5
-# On CUDA the selected blocks are read in place by one Triton kernel (`ops/fused/decode.py`) instead; tests switch
-# it off to cover the torch paths on the GPU too.
+# On CUDA the gate and the attention over the selected blocks run as Triton kernels (`ops/fused/decode.py`), which
+# read the blocks in place; tests switch them off to cover the torch paths on the GPU too.
 DECODE_KERNEL = True
 
 
@@ -33,7 +33,8 @@ class LayerMeans:
     def __init__(self, starts: list[int], key: Tensor, block_size: int):
         self.block_size = block_size
         self.starts = starts  # cache slot of each row's first real token
-        self.starts_t = torch.tensor(starts, device=key.device)  # the same on the device (no copies per step)
+        # the same on the device, int32 as the decode kernels take it (no copies per step)
+        self.starts_t = torch.tensor(starts, device=key.device, dtype=torch.int32)
         self.count = [0] * len(starts)  # complete blocks whose means are stored, per row
         self.means = key.new_zeros(key.shape[0], key.shape[1], 0, key.shape[3], dtype=torch.float32)
         self.synced = None  # weak reference to the key tensor the state was last brought up to date with
@@ -89,14 +90,15 @@ def gated_step(query: Tensor, key: Tensor, value: Tensor, state: LayerMeans, blo
         real = None if not any(state.starts) else (torch.arange(length, device=device) >= starts[:, None])
         return attend(query, key, value, None if real is None else real[:, None, None], scale)
     state.extend(key, own)
+    if DECODE_KERNEL and query.is_cuda:
+        from moba_train.ops.fused.decode import decode_attn, decode_gate, decode_supported  # triton where it runs
+
+        if decode_supported(query, key, value):
+            idx = decode_gate(query, state.means, starts, length, block_size, top_k, max(own))
+            return decode_attn(query, key, value, idx, starts, block_size, scale)
     own_t = (length - 1 - starts) // block_size
     idx = pick_blocks(score_blocks(query, state.means[:, :, : max(own)]), own_t[:, None, None], top_k)
     idx = idx[:, :, 0]  # [B, Hq, k]
-    if DECODE_KERNEL and query.is_cuda:
-        from moba_train.ops.fused.decode import decode_attn, decode_supported  # triton only where it runs
-
-        if decode_supported(query, key, value):
-            return decode_attn(query, key, value, idx, starts, block_size, scale)
     if hq * top_k * block_size <= GATHER_FRACTION * hkv * length:
         slots = (starts[:, None, None] + idx.clamp(min=0) * block_size)[..., None] + torch.arange(block_size,
                                                                                                   device=device)

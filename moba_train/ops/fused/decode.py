@@ -1,9 +1,12 @@
-"""Decode: one new query per (row, query head) over its selected cache blocks, read in place.
+"""Decode: one new query per (row, query head) routes over the cached block means and attends to its selected
+blocks, read in place.
 
-The torch path gathers each head's selected blocks into a copy and runs SDPA over it, a dozen small launches per
-layer. Here one program per (row, query head, selected slot) runs an online softmax over that block's keys
-straight from the cache [B, Hkv, L, D] and writes a partial output with its log-sum-exp (split over slots: a
-single row has too little work for one program); a second kernel merges the slots of each (row, head).
+The torch path scores, picks, gathers each head's selected blocks into a copy and runs SDPA over it: some twenty
+small launches per layer, which bound a decode step at batch 1. Here three kernels: the gate (scores of the past
+blocks and the top-(k-1) by repeated max, one program per (row, query head)); one program per (row, query head,
+selected slot, piece of PIECE keys) runs an online softmax over those keys straight from the cache
+[B, Hkv, L, D] and writes a partial output with its log-sum-exp (one row has too little work for one program); a
+merge of the pieces of each (row, head).
 """
 
 import torch
@@ -11,18 +14,48 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+PIECE = 512  # keys per program in the attention kernel, where the block size is a multiple of it
+
+
+@triton.jit
+def _gate_kernel(Q, Means, Starts, Idx, Scores, length, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
+                 HKV: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                 N_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HQ
+    hk = bh % HQ // (HQ // HKV)
+    own = (length - 1 - tl.load(Starts + b)) // BLOCK_SIZE  # blocks before it are complete and compete
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + bh * D + offs_d).to(tl.float32)
+    m_base = Means + b.to(tl.int64) * stride_mb + hk * stride_mh
+    for c0 in range(0, own, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into a scratch row
+        offs = c0 + tl.arange(0, CHUNK)
+        live = offs < own
+        means = tl.load(m_base + offs[:, None] * stride_mn + offs_d[None, :], mask=live[:, None], other=0.0)
+        tl.store(Scores + bh * N_POW2 + offs, tl.sum(means * q[None, :], 1), mask=live)
+    tl.debug_barrier()  # the scores were written by other threads of this program
+    offs = tl.arange(0, N_POW2)
+    s = tl.load(Scores + bh * N_POW2 + offs, mask=offs < own, other=float("-inf"))
+    for r in range(TOP_K - 1):  # the best remaining block, the lower one on ties; -1 once none is left
+        best = tl.max(s, 0)
+        pos = tl.min(tl.where(s == best, offs, N_POW2), 0)
+        tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
+        s = tl.where(offs == pos, float("-inf"), s)
+    tl.store(Idx + bh * TOP_K + TOP_K - 1, own)
+
 
 @triton.jit
 def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb, stride_kh, stride_kl,
                  stride_vb, stride_vh, stride_vl, HQ: tl.constexpr, HKV: tl.constexpr, TOP_K: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, PIECE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
-    slot = tl.program_id(1)
+    part = tl.program_id(1)  # piece `part % pieces` of the block in slot `part // pieces`
+    pieces: tl.constexpr = BLOCK_SIZE // PIECE
     b = bh // HQ
     hk = bh % HQ // (HQ // HKV)
-    blk = tl.load(Idx + bh * TOP_K + slot)
-    start = tl.load(Starts + b) + tl.maximum(blk, 0) * BLOCK_SIZE
-    end = tl.where(blk < 0, start, tl.minimum(start + BLOCK_SIZE, length))  # -1: an unused slot, no keys
+    blk = tl.load(Idx + bh * TOP_K + part // pieces)
+    start = tl.load(Starts + b) + tl.maximum(blk, 0) * BLOCK_SIZE + part % pieces * PIECE
+    end = tl.where(blk < 0, start, tl.minimum(start + PIECE, length))  # -1: an unused slot, no keys
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32) * scale_log2
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
@@ -45,20 +78,20 @@ def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb,
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
     has_keys = l_i > 0
-    row = bh * TOP_K + slot
+    row = bh * TOP_K * pieces + part
     tl.store(Part + row * D + offs_d, acc / tl.where(has_keys, l_i, 1.0))
     tl.store(Lse + row, tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf")))
 
 
 @triton.jit
-def _merge_kernel(Part, Lse, Out, TOP_K: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr):
+def _merge_kernel(Part, Lse, Out, N_PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, D: tl.constexpr):
     bh = tl.program_id(0)
-    offs_k = tl.arange(0, SLOTS)
-    used = offs_k < TOP_K
-    lse = tl.load(Lse + bh * TOP_K + offs_k, mask=used, other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, 0))  # the own block always holds the new token: the max is finite
+    offs_k = tl.arange(0, PARTS_POW2)
+    used = offs_k < N_PARTS
+    lse = tl.load(Lse + bh * N_PARTS + offs_k, mask=used, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))  # the own block's first piece holds a key: the max is finite
     offs_d = tl.arange(0, D)
-    part = tl.load(Part + (bh * TOP_K + offs_k)[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
+    part = tl.load(Part + (bh * N_PARTS + offs_k)[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
     tl.store(Out + bh * D + offs_d, out.to(Out.dtype.element_ty))
 
@@ -69,6 +102,23 @@ def decode_supported(query: Tensor, key: Tensor, value: Tensor) -> bool:
             and query.dtype == key.dtype == value.dtype)
 
 
+def decode_gate(query: Tensor, means: Tensor, starts: Tensor, length: int, block_size: int, top_k: int,
+                n_past: int) -> Tensor:
+    """query [B, Hq, 1, D] at cache slot length - 1; means [B, Hkv, N, D] fp32 of each row's complete blocks
+    (the first n_past, the most past blocks of any row, filled), counted from starts [B] -> [B, Hq, top_k] int32
+    selected blocks: the best top_k - 1 past ones by q . mean (-1 where fewer exist), the own block last."""
+    batch, hq, _, dim = query.shape
+    if means.shape[2] < n_past:  # the kernel reads n_past means per row: it would read past the buffer
+        raise ValueError(f"decode_gate: means hold {means.shape[2]} blocks, rows have up to {n_past} past blocks")
+    n_pow2 = max(16, triton.next_power_of_2(means.shape[2]))  # means grow by doubling: few recompiles
+    idx = torch.empty(batch, hq, top_k, device=query.device, dtype=torch.int32)
+    scores = torch.empty(batch * hq, n_pow2, device=query.device, dtype=torch.float32)
+    _gate_kernel[(batch * hq,)](query.reshape(batch * hq, dim).contiguous(), means, starts.to(torch.int32), idx,
+                                scores, length, *means.stride()[:3], HQ=hq, HKV=means.shape[1], TOP_K=top_k,
+                                BLOCK_SIZE=block_size, D=dim, N_POW2=n_pow2, CHUNK=64, num_warps=4)
+    return idx
+
+
 def decode_attn(query: Tensor, key: Tensor, value: Tensor, idx: Tensor, starts: Tensor, block_size: int,
                 scale: float) -> Tensor:
     """query [B, Hq, 1, D] at the last cache slot; key/value [B, Hkv, L, D]; idx [B, Hq, k] selected blocks of each
@@ -77,13 +127,17 @@ def decode_attn(query: Tensor, key: Tensor, value: Tensor, idx: Tensor, starts: 
     hkv, length = key.shape[1], key.shape[2]
     top_k = idx.shape[-1]
     q = query.reshape(batch * hq, dim).contiguous()
-    idx = idx.to(torch.int32).contiguous()
-    part = torch.empty(batch * hq, top_k, dim, device=q.device, dtype=torch.float32)
-    lse = torch.empty(batch * hq, top_k, device=q.device, dtype=torch.float32)
-    _slot_kernel[(batch * hq, top_k)](q, key, value, idx, starts.to(torch.int32), part, lse, length,
-                                      scale * 1.4426950408889634, *key.stride()[:3], *value.stride()[:3], HQ=hq,
-                                      HKV=hkv, TOP_K=top_k, BLOCK_SIZE=block_size, D=dim,
-                                      BLOCK_N=min(64, triton.next_power_of_2(block_size)), num_warps=4)
+    idx = idx.to(torch.int32).contiguous()  # no copy for decode_gate's
+    # blocks split into pieces of PIECE keys: batch-1 decode has too few (row, head, slot) programs to fill the GPU
+    # (H100, 32 heads, one layer, 1M cache: 4096/12 0.45 -> 0.32 ms, 1024/8 0.11 -> 0.07 ms; 256-2048 within 10%)
+    piece = min(block_size, PIECE) if block_size % PIECE == 0 else block_size
+    n_parts = top_k * (block_size // piece)
+    part = torch.empty(batch * hq, n_parts, dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch * hq, n_parts, device=q.device, dtype=torch.float32)
+    _slot_kernel[(batch * hq, n_parts)](q, key, value, idx, starts.to(torch.int32), part, lse, length,
+                                        scale * 1.4426950408889634, *key.stride()[:3], *value.stride()[:3], HQ=hq,
+                                        HKV=hkv, TOP_K=top_k, BLOCK_SIZE=block_size, PIECE=piece, D=dim,
+                                        BLOCK_N=min(64, triton.next_power_of_2(piece)), num_warps=4)
     out = torch.empty_like(q)
-    _merge_kernel[(batch * hq,)](part, lse, out, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), D=dim)
+    _merge_kernel[(batch * hq,)](part, lse, out, N_PARTS=n_parts, PARTS_POW2=triton.next_power_of_2(n_parts), D=dim)
     return out.view(batch, hq, 1, dim)
