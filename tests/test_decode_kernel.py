@@ -6,12 +6,10 @@ script), as in test_ops_backends.py. On a GPU, tests/test_hf_attention.py runs i
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 # (batch, Hq, Hkv, head_dim, block_size, top_k, cache length): left padding, GQA, short own blocks, unused slots
 CASES = [
@@ -76,15 +74,7 @@ def gate_equal(q, k, starts, block_size, top_k) -> bool:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if torch.cuda.is_available():
-        pytest.skip("interpreter cases run on CPU-only machines; tests/test_hf_attention.py covers the GPU")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=300)
 
 
 @pytest.mark.parametrize("pieces", ["split", "whole"])

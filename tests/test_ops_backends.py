@@ -7,12 +7,10 @@ cases are skipped; tests/gpu/ covers the backends there at real sizes.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 # (doc lengths, Hq, Hkv, head_dim, block_size, top_k): packed docs with short last blocks, GQA groups 1..4,
 # top_k from 1 (own block only) to >= blocks (full causal attention); the first seven make the gate choose
@@ -112,15 +110,7 @@ def tie_picks():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if torch.cuda.is_available():
-        pytest.skip("interpreter cases run on CPU-only machines; tests/gpu covers the GPU")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
