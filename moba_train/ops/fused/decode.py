@@ -27,7 +27,7 @@ def _gate_kernel(Q, Means, Starts, Idx, Scores, length, stride_mb, stride_mh, st
     own = (length - 1 - tl.load(Starts + b)) // BLOCK_SIZE  # blocks before it are complete and compete
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32)
-    m_base = Means + b.to(tl.int64) * stride_mb + hk * stride_mh
+    m_base = Means + b.to(tl.int64) * stride_mb + hk.to(tl.int64) * stride_mh
     for c0 in range(0, own, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into a scratch row
         offs = c0 + tl.arange(0, CHUNK)
         live = offs < own
@@ -58,8 +58,9 @@ def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb,
     end = tl.where(blk < 0, start, tl.minimum(start + PIECE, length))  # -1: an unused slot, no keys
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32) * scale_log2
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    # 64-bit offsets: a KV head's stride is L x D, past 2^31 elements in a few heads at multi-million caches
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
