@@ -85,6 +85,10 @@ def test_decode_kernel_matches_dense(interpreted, case, pieces):
     assert res["gate_equal"], "decode gate selected other blocks than the torch rule"
 
 
+def test_decode_gate_breaks_ties_like_the_rule(interpreted):
+    assert interpreted["ties"]
+
+
 def test_cases_cover_unused_slots(interpreted):
     assert interpreted["whole"][2]["unused_slots"] > 0
 
@@ -99,6 +103,14 @@ def test_gpu_decode_kernel_at_128k(block_size, top_k):
     assert res["err"] < 1e-2 and res["gate_equal"], res
 
 
+def tie_case() -> bool:
+    """Every past block holds the same keys: all scores tie, and the gate keeps the lowest blocks like the rule."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    k = torch.randn(2, 2, 16, 16, generator=gen).repeat(1, 1, 8, 1)  # 8 equal blocks of 16
+    return gate_equal(q, k, torch.tensor([0, 3]), 16, 4)
+
+
 def split_and_whole():
     """Blocks split into pieces (PIECE 8: 2-3 per block) and whole (PIECE larger than the blocks)."""
     from moba_train.ops.fused import decode
@@ -111,4 +123,4 @@ def split_and_whole():
 
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
-    print(json.dumps(split_and_whole()))
+    print(json.dumps({**split_and_whole(), "ties": tie_case()}))

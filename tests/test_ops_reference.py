@@ -65,6 +65,21 @@ def test_select_matches_brute_force(lengths, hq, hkv, block, top_k):
     assert torch.equal(got, brute_select(q, k, cu, block, top_k))
 
 
+def test_ties_go_to_the_lower_block():
+    """Equal scores at the cut keep the lower block, as the fused gates do (torch.topk leaves tie order open):
+    against sorting by (-score, block) on small integer scores full of ties, -0.0 and +0.0 as one value."""
+    from moba_train.ops.gate import pick_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 3, (400, 9), generator=gen).float()
+    scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+    own = torch.randint(0, 10, (400,), generator=gen)
+    idx = pick_blocks(scores, own, 4)
+    for row, o in enumerate(own.tolist()):
+        ranked = sorted(range(o), key=lambda j: (-scores[row, j].item(), j))[:3]
+        assert sorted(x for x in idx[row, :3].tolist() if x >= 0) == sorted(ranked) and idx[row, 3] == o
+
+
 def test_select_invariants():
     q, k, _, cu, max_len = packed([200, 77], 4, 2, 16, requires_grad=False, seed=3)
     idx = moba_select(q, k, cu, max_len, 16, 5)

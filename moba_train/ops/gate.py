@@ -41,10 +41,31 @@ def pick_blocks(scores: Tensor, own: Tensor, top_k: int) -> Tensor:
     idx = torch.full((*scores.shape[:-1], top_k), -1, dtype=torch.long, device=scores.device)
     n_pick = min(top_k - 1, n_blocks)
     if n_pick > 0:
-        val, top = scores.topk(n_pick, dim=-1)
+        val, top = top_lower_on_ties(scores, n_pick)
         idx[..., :n_pick] = torch.where(val > float("-inf"), top, -1)
     idx[..., -1] = own
     return idx
+
+
+def top_lower_on_ties(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """`scores.topk(n)` over the last dim (fp32), with equal scores at the cut going to the lower block: the fused
+    gates' rule (torch.topk leaves the order of ties open). Only rows with a tie across the cut are re-ranked, by an
+    int64 key (order-preserving integer of the score, then the reversed position)."""
+    n_blocks = scores.shape[-1]
+    if n >= n_blocks:  # every block is in: no cut
+        return scores.topk(n, dim=-1)
+    val, top = scores.topk(n + 1, dim=-1)
+    cut = (val[..., n - 1] == val[..., n]) & (val[..., n] > float("-inf"))
+    val, top = val[..., :n].contiguous(), top[..., :n].contiguous()
+    if bool(cut.any()):
+        rows = cut.nonzero(as_tuple=True)
+        tied = scores[rows].float() + 0.0  # + 0.0 turns -0.0 into +0.0, which the integer order would split
+        bits = tied.view(torch.int32).long()
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats count down as integers
+        key = ordered * 2**32 + (n_blocks - 1 - torch.arange(n_blocks, device=scores.device))
+        top[rows] = key.topk(n, dim=-1).indices
+        val[rows] = scores[rows].gather(-1, top[rows])
+    return val, top
 
 
 def picked_table(idx: Tensor, n_blocks: int) -> Tensor:

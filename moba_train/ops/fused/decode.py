@@ -18,24 +18,25 @@ PIECE = 512  # keys per program in the attention kernel, where the block size is
 
 
 @triton.jit
-def _gate_kernel(Q, Means, Starts, Idx, Scores, length, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
+def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
                  HKV: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
                  N_POW2: tl.constexpr, CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HQ
     hk = bh % HQ // (HQ // HKV)
     own = (length - 1 - tl.load(Starts + b)) // BLOCK_SIZE  # blocks before it are complete and compete
+    n_past = tl.minimum(own, n_means)  # equal for a caller that keeps its promise; never reads past the buffer
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32)
     m_base = Means + b.to(tl.int64) * stride_mb + hk.to(tl.int64) * stride_mh
-    for c0 in range(0, own, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into a scratch row
+    for c0 in range(0, n_past, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into a scratch row
         offs = c0 + tl.arange(0, CHUNK)
-        live = offs < own
+        live = offs < n_past
         means = tl.load(m_base + offs[:, None] * stride_mn + offs_d[None, :], mask=live[:, None], other=0.0)
         tl.store(Scores + bh * N_POW2 + offs, tl.sum(means * q[None, :], 1), mask=live)
     tl.debug_barrier()  # the scores were written by other threads of this program
     offs = tl.arange(0, N_POW2)
-    s = tl.load(Scores + bh * N_POW2 + offs, mask=offs < own, other=float("-inf"))
+    s = tl.load(Scores + bh * N_POW2 + offs, mask=offs < n_past, other=float("-inf"))
     for r in range(TOP_K - 1):  # the best remaining block, the lower one on ties; -1 once none is left
         best = tl.max(s, 0)
         pos = tl.min(tl.where(s == best, offs, N_POW2), 0)
@@ -115,7 +116,7 @@ def decode_gate(query: Tensor, means: Tensor, starts: Tensor, length: int, block
     idx = torch.empty(batch, hq, top_k, device=query.device, dtype=torch.int32)
     scores = torch.empty(batch * hq, n_pow2, device=query.device, dtype=torch.float32)
     _gate_kernel[(batch * hq,)](query.reshape(batch * hq, dim).contiguous(), means, starts.to(torch.int32), idx,
-                                scores, length, *means.stride()[:3], HQ=hq, HKV=means.shape[1], TOP_K=top_k,
+                                scores, length, means.shape[2], *means.stride()[:3], HQ=hq, HKV=means.shape[1], TOP_K=top_k,
                                 BLOCK_SIZE=block_size, D=dim, N_POW2=n_pow2, CHUNK=64, num_warps=4)
     return idx
 
