@@ -43,7 +43,8 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode: needs a CUDA GPU")
-    head = f"{'cache':>8} {'moba':>8} {'torch ms':>9} {'fused ms':>9} {'dense ms':>9} {'same picks':>10} {'max diff':>9}"
+    head = (f"{'cache':>8} {'moba':>8} {'torch ms':>9} {'fused ms':>9} {'dense ms':>9} {'same picks':>10} "
+            f"{'max diff':>9}")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | bf16, batch 1, {args.heads}/{args.kv_heads} "
           f"heads, head_dim {args.head_dim}, one layer\n{head}\n" + "-" * len(head), flush=True)
     scale = args.head_dim ** -0.5
