@@ -117,8 +117,7 @@ def decode_gate(query: Tensor, means: Tensor, starts: Tensor, length: int, block
     scores = torch.empty(batch * hq, n_pow2, device=query.device, dtype=torch.float32)
     _gate_kernel[(batch * hq,)](query.reshape(batch * hq, dim).contiguous(), means, starts.to(torch.int32), idx,
                                 scores, length, means.shape[2], *means.stride()[:3], HQ=hq, HKV=means.shape[1],
-                                TOP_K=top_k,
-                                BLOCK_SIZE=block_size, D=dim, N_POW2=n_pow2, CHUNK=64, num_warps=4)
+                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, N_POW2=n_pow2, CHUNK=64, num_warps=4)
     return idx
 
 
