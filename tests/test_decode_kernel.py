@@ -77,7 +77,7 @@ def interpreted():
     return run_interpreted(__file__, timeout=300)
 
 
-@pytest.mark.parametrize("pieces", ["split", "whole"])
+@pytest.mark.parametrize("pieces", ["split", "uneven", "whole"])
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
 def test_decode_kernel_matches_dense(interpreted, case, pieces):
     res = interpreted[pieces][case]
@@ -112,12 +112,14 @@ def tie_case() -> bool:
 
 
 def split_and_whole():
-    """Blocks split into pieces (PIECE 8: 2-3 per block) and whole (PIECE larger than the blocks)."""
+    """Blocks split into pieces (PIECE 8: 2-3 per block), into pieces with a shorter last one (PIECE 10 of 16- and
+    24-blocks) and whole (PIECE larger than the blocks)."""
     from moba_train.ops.fused import decode
 
     results = {}
-    for name, piece in (("split", 8), ("whole", 1024)):
+    for name, piece in (("split", 8), ("uneven", 10), ("whole", 1024)):
         decode.PIECE = piece
+        decode.MERGE_CHUNK = 4  # several merge chunks per row (up to 8 slots x 3 pieces)
         results[name] = [run_case(*case, seed=i) for i, case in enumerate(CASES)]
     return results
 

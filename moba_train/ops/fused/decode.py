@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-PIECE = 512  # keys per program in the attention kernel, where the block size is a multiple of it
+PIECE = 512  # keys per program in the attention kernel (a block's last piece may be shorter)
+MERGE_CHUNK = 16  # partial outputs the merge holds at a time
 
 
 @triton.jit
@@ -51,12 +52,14 @@ def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb,
                  BLOCK_SIZE: tl.constexpr, PIECE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     part = tl.program_id(1)  # piece `part % pieces` of the block in slot `part // pieces`
-    pieces: tl.constexpr = BLOCK_SIZE // PIECE
+    pieces: tl.constexpr = (BLOCK_SIZE + PIECE - 1) // PIECE  # the last one shorter where PIECE does not divide
     b = bh // HQ
     hk = bh % HQ // (HQ // HKV)
     blk = tl.load(Idx + bh * TOP_K + part // pieces)
-    start = tl.load(Starts + b) + tl.maximum(blk, 0) * BLOCK_SIZE + part % pieces * PIECE
-    end = tl.where(blk < 0, start, tl.minimum(start + PIECE, length))  # -1: an unused slot, no keys
+    blk_start = tl.load(Starts + b) + tl.maximum(blk, 0) * BLOCK_SIZE
+    start = blk_start + part % pieces * PIECE
+    end = tl.minimum(tl.minimum(start + PIECE, blk_start + BLOCK_SIZE), length)
+    end = tl.where(blk < 0, start, end)  # -1: an unused slot, no keys
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32) * scale_log2
     # 64-bit offsets: a KV head's stride is L x D, past 2^31 elements in a few heads at multi-million caches
@@ -86,16 +89,22 @@ def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb,
 
 
 @triton.jit
-def _merge_kernel(Part, Lse, Out, N_PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, D: tl.constexpr):
+def _merge_kernel(Part, Lse, Out, N_PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, D: tl.constexpr,
+                  CHUNK: tl.constexpr):
     bh = tl.program_id(0)
     offs_k = tl.arange(0, PARTS_POW2)
-    used = offs_k < N_PARTS
-    lse = tl.load(Lse + bh * N_PARTS + offs_k, mask=used, other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, 0))  # the own block's first piece holds a key: the max is finite
+    lse = tl.load(Lse + bh * N_PARTS + offs_k, mask=offs_k < N_PARTS, other=float("-inf"))
+    top = tl.max(lse, 0)  # the own block's first piece holds a key: finite
+    total = tl.sum(tl.math.exp2(lse - top), 0)
     offs_d = tl.arange(0, D)
-    part = tl.load(Part + (bh * N_PARTS + offs_k)[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(Out + bh * D + offs_d, out.to(Out.dtype.element_ty))
+    acc = tl.zeros([D], tl.float32)
+    for c0 in range(0, N_PARTS, CHUNK):  # a chunk of partial outputs at a time: top_k x pieces can be hundreds
+        offs = c0 + tl.arange(0, CHUNK)
+        used = offs < N_PARTS
+        w = tl.math.exp2(tl.load(Lse + bh * N_PARTS + offs, mask=used, other=float("-inf")) - top)
+        part = tl.load(Part + (bh * N_PARTS + offs)[:, None] * D + offs_d[None, :], mask=used[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], 0)
+    tl.store(Out + bh * D + offs_d, (acc / total).to(Out.dtype.element_ty))
 
 
 def decode_supported(query: Tensor, key: Tensor, value: Tensor) -> bool:
@@ -132,8 +141,8 @@ def decode_attn(query: Tensor, key: Tensor, value: Tensor, idx: Tensor, starts: 
     idx = idx.to(torch.int32).contiguous()  # no copy for decode_gate's
     # blocks split into pieces of PIECE keys: batch-1 decode has too few (row, head, slot) programs to fill the GPU
     # (H100, 32 heads, one layer, 1M cache: 4096/12 0.45 -> 0.32 ms, 1024/8 0.11 -> 0.07 ms; 256-2048 within 10%)
-    piece = min(block_size, PIECE) if block_size % PIECE == 0 else block_size
-    n_parts = top_k * (block_size // piece)
+    piece = min(block_size, PIECE)
+    n_parts = top_k * triton.cdiv(block_size, piece)
     part = torch.empty(batch * hq, n_parts, dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch * hq, n_parts, device=q.device, dtype=torch.float32)
     _slot_kernel[(batch * hq, n_parts)](q, key, value, idx, starts.to(torch.int32), part, lse, length,
@@ -141,5 +150,6 @@ def decode_attn(query: Tensor, key: Tensor, value: Tensor, idx: Tensor, starts: 
                                         HKV=hkv, TOP_K=top_k, BLOCK_SIZE=block_size, PIECE=piece, D=dim,
                                         BLOCK_N=min(64, triton.next_power_of_2(piece)), num_warps=4)
     out = torch.empty_like(q)
-    _merge_kernel[(batch * hq,)](part, lse, out, N_PARTS=n_parts, PARTS_POW2=triton.next_power_of_2(n_parts), D=dim)
+    _merge_kernel[(batch * hq,)](part, lse, out, N_PARTS=n_parts, PARTS_POW2=triton.next_power_of_2(n_parts), D=dim,
+                                 CHUNK=MERGE_CHUNK)
     return out.view(batch, hq, 1, dim)
