@@ -59,12 +59,13 @@ def top_lower_on_ties(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
     val, top = val[..., :n].contiguous(), top[..., :n].contiguous()
     if bool(cut.any()):
         rows = cut.nonzero(as_tuple=True)
-        tied = scores[rows].float() + 0.0  # + 0.0 turns -0.0 into +0.0, which the integer order would split
-        bits = tied.view(torch.int32).long()
+        tied = scores[rows]
+        # + 0.0 turns -0.0 into +0.0, which the integer order would split
+        bits = (tied.float() + 0.0).view(torch.int32).long()
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats count down as integers
         key = ordered * 2**32 + (n_blocks - 1 - torch.arange(n_blocks, device=scores.device))
-        top[rows] = key.topk(n, dim=-1).indices
-        val[rows] = scores[rows].gather(-1, top[rows])
+        picked = key.topk(n, dim=-1).indices
+        top[rows], val[rows] = picked, tied.gather(-1, picked)
     return val, top
 
 

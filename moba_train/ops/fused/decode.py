@@ -83,9 +83,10 @@ def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb,
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
     has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)  # an empty piece: zero output, LSE -inf (no weight in the merge)
     row = bh * TOP_K * pieces + part
-    tl.store(Part + row * D + offs_d, acc / tl.where(has_keys, l_i, 1.0))
-    tl.store(Lse + row, tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf")))
+    tl.store(Part + row * D + offs_d, acc / l_safe)
+    tl.store(Lse + row, tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf")))
 
 
 @triton.jit
