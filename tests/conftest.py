@@ -43,3 +43,9 @@ def run_interpreted(script: str, timeout: int) -> dict:
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compiled_variants(*kernels) -> int:
+    """How many specialisations of these Triton kernels are compiled for the current GPU, all told."""
+    device = torch.cuda.current_device()
+    return sum(len(kernel.device_caches[device][0]) for kernel in kernels)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import compiled_variants, run_interpreted
 
 # (batch, Hq, Hkv, head_dim, block_size, top_k, cache length): left padding, GQA, short own blocks, unused slots
 CASES = [
@@ -102,6 +102,28 @@ def test_gpu_decode_kernel_at_128k(block_size, top_k):
     res = run_case(2, 32, 8, 128, block_size, top_k, 131072, seed=0, device="cuda", dtype=torch.bfloat16)
     assert res["err"] < 1e-2 and res["gate_equal"], res
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_compiles_once_as_the_cache_grows():
+    """A decode step per cache length, through lengths that are multiples of 16 and not: no kernel is compiled
+    after the first step (a compile is a stall of ~0.3 s in the middle of generation)."""
+    from moba_train.ops.fused import decode
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 1, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 8100, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    means = k[:, :, :31 * 256].float().unflatten(2, (31, 256)).mean(3)
+    starts = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kernels = (decode._gate_kernel, decode._slot_kernel, decode._merge_kernel)
+    counts = []
+    for length in range(8001, 8040):  # own block 31 throughout; 8016 and 8032 are multiples of 16
+        cache_k, cache_v = k[:, :, :length].contiguous(), v[:, :, :length].contiguous()
+        idx = decode.decode_gate(q, means, starts, length, 256, 4, 31)
+        decode.decode_attn(q, cache_k, cache_v, idx, starts, 256, 128 ** -0.5)
+        counts.append(compiled_variants(*kernels))
+    assert counts == counts[:1] * len(counts), counts
 
 def tie_case() -> bool:
     """Every past block holds the same keys: all scores tie, and the gate keeps the lowest blocks like the rule."""

@@ -10,6 +10,8 @@ against exact fp32 attention on sampled rows.
 import pytest
 import torch
 
+from conftest import compiled_variants
+
 from moba_train.ops import moba_attn
 from moba_train.ops.fused import moba_select  # the fused gate itself, never the dispatcher's fallback
 from moba_train.ops.gate import moba_select as reference_select
@@ -170,6 +172,22 @@ def test_fused_op_queues_without_syncs():
     for a, b in zip(first, again):
         assert torch.equal(a, b)
 
+
+
+def test_fused_op_compiles_once_across_packings():
+    """Another packing of the same tokens (other block counts and tile offsets, one a multiple of 16) compiles no
+    new kernel variant: a later training step never stalls on a compile."""
+    from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate, means
+
+    kernels = (fwd._past_kernel, fwd._own_kernel, bwd._delta_kernel, bwd_kv.kv_kernel, bwd_q.dq_past_kernel,
+               bwd_q.dq_own_kernel, gate._gate_kernel, means._means_kernel)
+    hq, hkv, dim, block_size, top_k = 8, 2, 128, 64, 3
+    counts = []
+    for lengths in ((1000, 3000, 517), (65,) * 9 + (3932,)):  # 72 then 80 blocks, 4517 tokens each
+        q, k, v, cu = packed(lengths, hq, hkv, dim, seed=len(lengths))
+        run("triton", q, k, v, cu, max(lengths), block_size, top_k, torch.randn_like(q))
+        counts.append(compiled_variants(*kernels))
+    assert counts[0] == counts[1], counts
 
 def exact_rows(q, k, v, idx, rows, block_size, scale):
     """fp32 MoBA output of sampled (token, head) rows of a single document, from the selection."""

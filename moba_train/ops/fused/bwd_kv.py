@@ -28,7 +28,7 @@ def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_l
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB"])
 def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB, N_SLOTS,
               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

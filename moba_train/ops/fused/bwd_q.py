@@ -36,7 +36,7 @@ def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
     return q, do, lse, delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile0", "NB"])
 def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                    D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):

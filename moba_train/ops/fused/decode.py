@@ -18,7 +18,9 @@ PIECE = 512  # keys per program in the attention kernel (a block's last piece ma
 MERGE_CHUNK = 16  # partial outputs the merge holds at a time
 
 
-@triton.jit
+# length grows by one per step: specialising on it (equal to 1, a multiple of 16) compiled a second variant
+# mid-generation, ~0.3 s stalls inside a timed decode; n_means doubles
+@triton.jit(do_not_specialize=["length", "n_means"])
 def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
                  HKV: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
                  N_POW2: tl.constexpr, CHUNK: tl.constexpr):
@@ -46,7 +48,7 @@ def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stri
     tl.store(Idx + bh * TOP_K + TOP_K - 1, own)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["length"])
 def _slot_kernel(Q, K, V, Idx, Starts, Part, Lse, length, scale_log2, stride_kb, stride_kh, stride_kl,
                  stride_vb, stride_vh, stride_vl, HQ: tl.constexpr, HKV: tl.constexpr, TOP_K: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, PIECE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -36,7 +36,8 @@ def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr,
     return m_new, l_i, acc
 
 
-@triton.jit
+# tile0 and NB change with the batch's packing: unspecialised, a later step never compiles another variant
+@triton.jit(do_not_specialize=["tile0", "NB"])
 def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                  D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
