@@ -86,7 +86,7 @@ def test_decode_kernel_matches_dense(interpreted, case, pieces):
 
 
 def test_decode_gate_breaks_ties_like_the_rule(interpreted):
-    assert interpreted["ties"]
+    assert interpreted["ties"] == [True, True]
 
 
 def test_cases_cover_unused_slots(interpreted):
@@ -95,10 +95,11 @@ def test_cases_cover_unused_slots(interpreted):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("block_size,top_k", [(4096, 12), (1024, 8)])
+@pytest.mark.parametrize("block_size,top_k", [(4096, 12), (1024, 8), (64, 8)])
 def test_gpu_decode_kernel_at_128k(block_size, top_k):
     """bf16 at a real size: 2 left-padded rows, 32/8 heads, head_dim 128, a 128K cache; error relative to the
-    largest output entry (bf16 inputs and output, fp32 inside)."""
+    largest output entry (bf16 inputs and output, fp32 inside). With 64-blocks the gate has ~2K past blocks, more
+    than it holds at once."""
     res = run_case(2, 32, 8, 128, block_size, top_k, 131072, seed=0, device="cuda", dtype=torch.bfloat16)
     assert res["err"] < 1e-2 and res["gate_equal"], res
 
@@ -107,8 +108,9 @@ def test_gpu_decode_kernel_at_128k(block_size, top_k):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_compiles_once_as_the_cache_grows():
-    """A decode step per cache length, through lengths that are multiples of 16 and not: no kernel is compiled
-    after the first step (a compile is a stall of ~0.3 s in the middle of generation)."""
+    """A decode step per cache length, through lengths that are multiples of 16 and not, with block means in
+    buffers of several widths (the decode state grows its buffer): no kernel is compiled after the first step (a
+    compile is a stall of ~0.3 s in the middle of generation)."""
     from moba_train.ops.fused import decode
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -120,7 +122,9 @@ def test_gpu_decode_compiles_once_as_the_cache_grows():
     counts = []
     for length in range(8001, 8040):  # own block 31 throughout; 8016 and 8032 are multiples of 16
         cache_k, cache_v = k[:, :, :length].contiguous(), v[:, :, :length].contiguous()
-        idx = decode.decode_gate(q, means, starts, length, 256, 4, 31)
+        buffer = means.new_zeros(1, 2, (31, 40, 64, 100)[length % 4], 128)
+        buffer[:, :, :31] = means
+        idx = decode.decode_gate(q, buffer, starts, length, 256, 4, 31)
         decode.decode_attn(q, cache_k, cache_v, idx, starts, 256, 128 ** -0.5)
         counts.append(compiled_variants(*kernels))
     assert counts == counts[:1] * len(counts), counts
@@ -135,16 +139,27 @@ def tie_case() -> bool:
 
 def split_and_whole():
     """Blocks split into pieces (PIECE 8: 2-3 per block), into pieces with a shorter last one (PIECE 10 of 16- and
-    24-blocks) and whole (PIECE larger than the blocks)."""
+    24-blocks) and whole (PIECE larger than the blocks); the gate's scores held at once or walked in pieces
+    (SELECT 4: only the 137-block case; SELECT 2: every case with more than 2 past blocks)."""
     from moba_train.ops.fused import decode
 
     results = {}
-    for name, piece in (("split", 8), ("uneven", 10), ("whole", 1024)):
-        decode.PIECE = piece
+    for name, piece, select in (("split", 8, 4), ("uneven", 10, 2), ("whole", 1024, 1024)):
+        decode.PIECE, decode.SELECT = piece, select
         decode.MERGE_CHUNK = 4  # several merge chunks per row (up to 8 slots x 3 pieces)
         results[name] = [run_case(*case, seed=i) for i, case in enumerate(CASES)]
     return results
 
 
+def ties_both_ways() -> list[bool]:
+    from moba_train.ops.fused import decode
+
+    results = []
+    for select in (1024, 2):  # all scores at once; in pieces of 2, so ties meet within and across pieces
+        decode.SELECT = select
+        results.append(tie_case())
+    return results
+
+
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
-    print(json.dumps({**split_and_whole(), "ties": tie_case()}))
+    print(json.dumps({**split_and_whole(), "ties": ties_both_ways()}))

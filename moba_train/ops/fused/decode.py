@@ -16,14 +16,15 @@ from torch import Tensor
 
 PIECE = 512  # keys per program in the attention kernel (a block's last piece may be shorter)
 MERGE_CHUNK = 16  # partial outputs the merge holds at a time
+SELECT = 1024  # block scores the gate holds in registers at a time (more: it walks them in pieces)
 
 
-# length grows by one per step: specialising on it (equal to 1, a multiple of 16) compiled a second variant
-# mid-generation, ~0.3 s stalls inside a timed decode; n_means doubles
+# length grows by one per step and n_means with the cache: specialising on them (equal to 1, a multiple of 16)
+# compiled another variant mid-generation, a ~0.3 s stall; nothing here depends on the cache's size at compile time
 @triton.jit(do_not_specialize=["length", "n_means"])
 def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
                  HKV: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                 N_POW2: tl.constexpr, CHUNK: tl.constexpr):
+                 CHUNK: tl.constexpr, SELECT: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HQ
     hk = bh % HQ // (HQ // HKV)
@@ -32,19 +33,36 @@ def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stri
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32)
     m_base = Means + b.to(tl.int64) * stride_mb + hk.to(tl.int64) * stride_mh
-    for c0 in range(0, n_past, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into a scratch row
+    row = Scores + bh.to(tl.int64) * n_means  # this program's scratch row
+    for c0 in range(0, n_past, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into the row
         offs = c0 + tl.arange(0, CHUNK)
         live = offs < n_past
         means = tl.load(m_base + offs[:, None] * stride_mn + offs_d[None, :], mask=live[:, None], other=0.0)
-        tl.store(Scores + bh * N_POW2 + offs, tl.sum(means * q[None, :], 1), mask=live)
+        tl.store(row + offs, tl.sum(means * q[None, :], 1), mask=live)
     tl.debug_barrier()  # the scores were written by other threads of this program
-    offs = tl.arange(0, N_POW2)
-    s = tl.load(Scores + bh * N_POW2 + offs, mask=offs < n_past, other=float("-inf"))
-    for r in range(TOP_K - 1):  # the best remaining block, the lower one on ties; -1 once none is left
-        best = tl.max(s, 0)
-        pos = tl.min(tl.where(s == best, offs, N_POW2), 0)
-        tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
-        s = tl.where(offs == pos, float("-inf"), s)
+    # the best remaining block per round, the lower one on ties; -1 once none is left
+    col = tl.arange(0, SELECT)
+    if n_past <= SELECT:  # the usual case: every score in registers at once
+        s = tl.load(row + col, mask=col < n_past, other=float("-inf"))
+        for r in range(TOP_K - 1):
+            best = tl.max(s, 0)
+            pos = tl.min(tl.where(s == best, col, SELECT), 0)
+            tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
+            s = tl.where(col == pos, float("-inf"), s)
+    else:  # more blocks than registers hold: each round walks the row in pieces and strikes out its pick
+        for r in range(TOP_K - 1):
+            best = float("-inf")
+            pos = 0
+            for c0 in range(0, n_past, SELECT):
+                s = tl.load(row + c0 + col, mask=c0 + col < n_past, other=float("-inf"))
+                piece_best = tl.max(s, 0)
+                take = piece_best > best  # strict: an earlier piece keeps a tie
+                pos = tl.where(take, c0 + tl.min(tl.where(s == piece_best, col, SELECT), 0), pos)
+                best = tl.where(take, piece_best, best)
+            tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
+            tl.debug_barrier()  # every thread has read the row before the pick is struck out
+            tl.store(row + pos, float("-inf"), mask=best > float("-inf"))
+            tl.debug_barrier()
     tl.store(Idx + bh * TOP_K + TOP_K - 1, own)
 
 
@@ -124,12 +142,11 @@ def decode_gate(query: Tensor, means: Tensor, starts: Tensor, length: int, block
     batch, hq, _, dim = query.shape
     if means.shape[2] < n_past:  # the kernel reads n_past means per row: it would read past the buffer
         raise ValueError(f"decode_gate: means hold {means.shape[2]} blocks, rows have up to {n_past} past blocks")
-    n_pow2 = max(16, triton.next_power_of_2(means.shape[2]))  # means grow by doubling: few recompiles
     idx = torch.empty(batch, hq, top_k, device=query.device, dtype=torch.int32)
-    scores = torch.empty(batch * hq, n_pow2, device=query.device, dtype=torch.float32)
+    scores = torch.empty(batch * hq, max(means.shape[2], 1), device=query.device, dtype=torch.float32)
     _gate_kernel[(batch * hq,)](query.reshape(batch * hq, dim).contiguous(), means, starts.to(torch.int32), idx,
                                 scores, length, means.shape[2], *means.stride()[:3], HQ=hq, HKV=means.shape[1],
-                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, N_POW2=n_pow2, CHUNK=64, num_warps=4)
+                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, CHUNK=64, SELECT=SELECT, num_warps=4)
     return idx
 
 
