@@ -86,7 +86,7 @@ def test_decode_kernel_matches_dense(interpreted, case, pieces):
 
 
 def test_decode_gate_breaks_ties_like_the_rule(interpreted):
-    assert interpreted["ties"] == [True, True]
+    assert interpreted["ties"] == [True] * 4
 
 
 def test_cases_cover_unused_slots(interpreted):
@@ -151,13 +151,23 @@ def split_and_whole():
     return results
 
 
+def tied_then_better() -> bool:
+    """Blocks 0 and 1 tie for the two past slots, block 6 beats both: the gate keeps block 0 like the rule."""
+    q = torch.zeros(1, 1, 1, 16)
+    q[..., 0] = 1.0
+    k = torch.ones(1, 1, 8 * 16 + 1, 16)
+    k[:, :, :32] = 5.0
+    k[:, :, 96:112] = 9.0
+    return gate_equal(q, k, torch.tensor([0]), 16, 3)
+
+
 def ties_both_ways() -> list[bool]:
     from moba_train.ops.fused import decode
 
     results = []
     for select in (1024, 2):  # all scores at once; in pieces of 2, so ties meet within and across pieces
         decode.SELECT = select
-        results.append(tie_case())
+        results += [tie_case(), tied_then_better()]
     return results
 
 

@@ -108,6 +108,21 @@ def tie_picks():
     return {str(top_k): moba_select(q, k, cu, 64, 16, top_k)[48:].unique(dim=0).tolist() for top_k in (2, 3)}
 
 
+
+def tied_then_better():
+    """Blocks 0 and 1 tie and fill the two past slots; block 33, in a later chunk of means, beats both. The block
+    that goes is the higher of the tied pair: (fused, reference) selections of the last row."""
+    from moba_train.ops.fused import moba_select
+    from moba_train.ops.gate import moba_select as reference_select
+
+    k = torch.ones(40 * 16, 1, 16)
+    k[:32] = 5.0
+    k[33 * 16:34 * 16] = 9.0
+    q = torch.zeros(40 * 16, 1, 16)
+    q[:, :, 0] = 1.0
+    cu = torch.tensor([0, 40 * 16], dtype=torch.int32)
+    return [select(q, k, cu, 40 * 16, 16, 3)[-1, 0].tolist() for select in (moba_select, reference_select)]
+
 @pytest.fixture(scope="module")
 def interpreted():
     return run_interpreted(__file__, timeout=600)
@@ -123,6 +138,11 @@ def test_triton_matches_naive(interpreted, case):
 
 def test_fused_gate_breaks_ties_to_the_lower_block(interpreted):
     assert interpreted["ties"] == {"2": [[[1, 3]] * 4], "3": [[[1, 2, 3]] * 4]}
+
+
+def test_fused_gate_evicts_the_higher_of_tied_blocks(interpreted):
+    fused, reference = interpreted["tied_then_better"]
+    assert fused == reference == [0, 33, 39]
 
 
 def test_triton_refuses_double_backward(interpreted):
@@ -176,4 +196,5 @@ def test_varlen_needs_cuda():
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
+                      "tied_then_better": tied_then_better(),
                       "zero_rows": zero_rows_case(), "double_backward_refused": double_backward_refused()}))

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moba_train.ops.fused.gate import update_top
+
 PIECE = 512  # keys per program in the attention kernel (a block's last piece may be shorter)
 MERGE_CHUNK = 16  # partial outputs the merge holds at a time
 SELECT = 1024  # block scores the gate holds in registers at a time (more: it walks them in pieces)
@@ -24,7 +26,7 @@ SELECT = 1024  # block scores the gate holds in registers at a time (more: it wa
 @triton.jit(do_not_specialize=["length", "n_means"])
 def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
                  HKV: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                 CHUNK: tl.constexpr, SELECT: tl.constexpr):
+                 CHUNK: tl.constexpr, SELECT: tl.constexpr, KP: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HQ
     hk = bh % HQ // (HQ // HKV)
@@ -49,20 +51,14 @@ def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stri
             pos = tl.min(tl.where(s == best, col, SELECT), 0)
             tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
             s = tl.where(col == pos, float("-inf"), s)
-    else:  # more blocks than registers hold: each round walks the row in pieces and strikes out its pick
-        for r in range(TOP_K - 1):
-            best = float("-inf")
-            pos = 0
-            for c0 in range(0, n_past, SELECT):
-                s = tl.load(row + c0 + col, mask=c0 + col < n_past, other=float("-inf"))
-                piece_best = tl.max(s, 0)
-                take = piece_best > best  # strict: an earlier piece keeps a tie
-                pos = tl.where(take, c0 + tl.min(tl.where(s == piece_best, col, SELECT), 0), pos)
-                best = tl.where(take, piece_best, best)
-            tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
-            tl.debug_barrier()  # every thread has read the row before the pick is struck out
-            tl.store(row + pos, float("-inf"), mask=best > float("-inf"))
-            tl.debug_barrier()
+    else:  # more blocks than registers hold: one walk in pieces with a running top-(k-1), as the prefill gate
+        slot = tl.arange(0, KP)
+        top_v = tl.where(slot[None, :] < TOP_K - 1, float("-inf"), float("inf")) + tl.zeros([1, KP], tl.float32)
+        top_i = tl.full([1, KP], -1, tl.int32)
+        for c0 in range(0, n_past, SELECT):
+            s = tl.load(row + c0 + col, mask=c0 + col < n_past, other=float("-inf"))
+            top_v, top_i = update_top(s[None, :], top_v, top_i, c0, col, slot, TOP_K, SELECT, KP)
+        tl.store(Idx + bh * TOP_K + slot[None, :], top_i, mask=slot[None, :] < TOP_K - 1)
     tl.store(Idx + bh * TOP_K + TOP_K - 1, own)
 
 
@@ -146,7 +142,8 @@ def decode_gate(query: Tensor, means: Tensor, starts: Tensor, length: int, block
     scores = torch.empty(batch * hq, max(means.shape[2], 1), device=query.device, dtype=torch.float32)
     _gate_kernel[(batch * hq,)](query.reshape(batch * hq, dim).contiguous(), means, starts.to(torch.int32), idx,
                                 scores, length, means.shape[2], *means.stride()[:3], HQ=hq, HKV=means.shape[1],
-                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, CHUNK=64, SELECT=SELECT, num_warps=4)
+                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, CHUNK=64, SELECT=SELECT,
+                                KP=triton.next_power_of_2(top_k), num_warps=4)
     return idx
 
 

@@ -17,6 +17,29 @@ from moba_train.ops.fused.layout import Layout, own_tile
 
 
 @triton.jit
+def update_top(s, top_v, top_i, c0, col, slot, TOPK: tl.constexpr, BLOCK_B: tl.constexpr, KP: tl.constexpr):
+    """Merge a chunk of scores s [rows, BLOCK_B] (blocks c0 + col, -inf where none) into each row's running
+    top-(k-1) (top_v, top_i [rows, KP]; slots past k-1 hold +inf). The order is (score desc, block asc): a row's
+    best remaining score (its lowest block on ties) replaces the row's worst entry, the lowest score and among
+    equal ones the highest block, if strictly larger (chunks come in ascending blocks, so an equal score is a
+    higher block). Rounds: at most the largest count, over rows, of scores above the row's worst entry."""
+    above = tl.sum((s > tl.min(top_v, 1)[:, None]).to(tl.int32), 1)
+    for _ in range(0, tl.minimum(tl.max(above, 0), TOPK - 1)):
+        # positions by equality then min/max: plain reductions, cheaper than argmax/argmin's (value, index) pairs
+        best = tl.max(s, 1)
+        arg = tl.min(tl.where(s == best[:, None], col[None, :], BLOCK_B), 1)
+        low = tl.min(top_v, 1)
+        # unique per slot (empty slots hold block -1); the evicted one is the highest among the tied lowest
+        key = tl.where(top_v == low[:, None], top_i * KP + slot[None, :], -(1 << 30))
+        evict = tl.max(key, 1)
+        put = (best > low)[:, None] & (key == evict[:, None])
+        top_v = tl.where(put, best[:, None], top_v)
+        top_i = tl.where(put, (c0 + arg)[:, None], top_i)
+        s = tl.where(col[None, :] == arg[:, None], float("-inf"), s)
+    return top_v, top_i
+
+
+@triton.jit
 def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr):
@@ -52,19 +75,7 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
         else:
             s = tl.dot(q, tl.trans(mean), input_precision="ieee")
         s = tl.where(mask_b[None, :], s, float("-inf"))
-        # insertions needed: at most the largest count, over rows, of scores above the row's running (k-1)-th best
-        above = tl.sum((s > tl.min(top_v, 1)[:, None]).to(tl.int32), 1)
-        for _ in range(0, tl.minimum(tl.max(above, 0), TOPK - 1)):
-            # positions by equality then min: two plain reductions, cheaper than argmax/argmin's (value, index)
-            # pairs; exact ties keep the lowest block (and fill the lowest slot), a fixed rule CI checks
-            best = tl.max(s, 1)
-            arg = tl.min(tl.where(s == best[:, None], col[None, :], BLOCK_B), 1)
-            low = tl.min(top_v, 1)
-            low_arg = tl.min(tl.where(top_v == low[:, None], slot[None, :], KP), 1)
-            put = (best > low)[:, None] & (slot[None, :] == low_arg[:, None])
-            top_v = tl.where(put, best[:, None], top_v)
-            top_i = tl.where(put, (c0 + arg)[:, None], top_i)
-            s = tl.where(col[None, :] == arg[:, None], float("-inf"), s)
+        top_v, top_i = update_top(s, top_v, top_i, c0, col, slot, TOPK, BLOCK_B, KP)
 
     # canonical order: ascending past blocks, then the own block, then -1
     big = 1 << 30
