@@ -104,7 +104,6 @@ def test_gpu_decode_kernel_at_128k(block_size, top_k):
     assert res["err"] < 1e-2 and res["gate_equal"], res
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_compiles_once_as_the_cache_grows():
@@ -128,6 +127,7 @@ def test_gpu_decode_compiles_once_as_the_cache_grows():
         decode.decode_attn(q, cache_k, cache_v, idx, starts, 256, 128 ** -0.5)
         counts.append(compiled_variants(*kernels))
     assert counts == counts[:1] * len(counts), counts
+
 
 def tie_case() -> bool:
     """Every past block holds the same keys: all scores tie, and the gate keeps the lowest blocks like the rule."""

@@ -108,7 +108,6 @@ def tie_picks():
     return {str(top_k): moba_select(q, k, cu, 64, 16, top_k)[48:].unique(dim=0).tolist() for top_k in (2, 3)}
 
 
-
 def tied_then_better():
     """Blocks 0 and 1 tie and fill the two past slots; block 33, in a later chunk of means, beats both. The block
     that goes is the higher of the tied pair: (fused, reference) selections of the last row."""
@@ -122,6 +121,7 @@ def tied_then_better():
     q[:, :, 0] = 1.0
     cu = torch.tensor([0, 40 * 16], dtype=torch.int32)
     return [select(q, k, cu, 40 * 16, 16, 3)[-1, 0].tolist() for select in (moba_select, reference_select)]
+
 
 @pytest.fixture(scope="module")
 def interpreted():

@@ -173,7 +173,6 @@ def test_fused_op_queues_without_syncs():
         assert torch.equal(a, b)
 
 
-
 def test_fused_op_compiles_once_across_packings():
     """Another packing of the same tokens (other block counts and tile offsets, one a multiple of 16) compiles no
     new kernel variant: a later training step never stalls on a compile."""
@@ -188,6 +187,7 @@ def test_fused_op_compiles_once_across_packings():
         run("triton", q, k, v, cu, max(lengths), block_size, top_k, torch.randn_like(q))
         counts.append(compiled_variants(*kernels))
     assert counts[0] == counts[1], counts
+
 
 def exact_rows(q, k, v, idx, rows, block_size, scale):
     """fp32 MoBA output of sampled (token, head) rows of a single document, from the selection."""

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_train.ops.fused.gate import update_top
+from moba_train.ops.fused.gate import empty_top, update_top
 
 PIECE = 512  # keys per program in the attention kernel (a block's last piece may be shorter)
 MERGE_CHUNK = 16  # partial outputs the merge holds at a time
@@ -53,8 +53,7 @@ def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stri
             s = tl.where(col == pos, float("-inf"), s)
     else:  # more blocks than registers hold: one walk in pieces with a running top-(k-1), as the prefill gate
         slot = tl.arange(0, KP)
-        top_v = tl.where(slot[None, :] < TOP_K - 1, float("-inf"), float("inf")) + tl.zeros([1, KP], tl.float32)
-        top_i = tl.full([1, KP], -1, tl.int32)
+        top_v, top_i = empty_top(slot, 1, TOP_K, KP)
         for c0 in range(0, n_past, SELECT):
             s = tl.load(row + c0 + col, mask=c0 + col < n_past, other=float("-inf"))
             top_v, top_i = update_top(s[None, :], top_v, top_i, c0, col, slot, TOP_K, SELECT, KP)

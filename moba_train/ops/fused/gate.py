@@ -17,6 +17,14 @@ from moba_train.ops.fused.layout import Layout, own_tile
 
 
 @triton.jit
+def empty_top(slot, ROWS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr):
+    """Running top-(k-1) of ROWS rows before any score: -inf in the k-1 live slots, +inf past them (never the
+    worst entry, so never replaced or selected); blocks -1."""
+    top_v = tl.where(slot[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros([ROWS, KP], tl.float32)
+    return top_v, tl.full([ROWS, KP], -1, tl.int32)
+
+
+@triton.jit
 def update_top(s, top_v, top_i, c0, col, slot, TOPK: tl.constexpr, BLOCK_B: tl.constexpr, KP: tl.constexpr):
     """Merge a chunk of scores s [rows, BLOCK_B] (blocks c0 + col, -inf where none) into each row's running
     top-(k-1) (top_v, top_i [rows, KP]; slots past k-1 hold +inf). The order is (score desc, block asc): a row's
@@ -56,9 +64,7 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
 
     slot = tl.arange(0, KP)
     col = tl.arange(0, BLOCK_B)
-    # slots past k-1 hold +inf so they are never the running minimum (never replaced, never selected)
-    top_v = tl.where(slot[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
-    top_i = tl.full([BLOCK_M, KP], -1, tl.int32)
+    top_v, top_i = empty_top(slot, BLOCK_M, TOPK, KP)
     for c0 in range(0, b, BLOCK_B):
         offs_b = c0 + col
         mask_b = offs_b < b
