@@ -16,7 +16,7 @@ CASES = [
     (2, 4, 2, 16, 16, 3, 70),
     (3, 2, 1, 32, 24, 4, 100),  # block size not a power of two: masked key chunks
     (1, 4, 4, 16, 16, 8, 40),  # fewer past blocks than slots: -1 entries
-    (2, 2, 1, 16, 16, 5, 2200),  # more past blocks (137) than one score chunk (64)
+    (2, 2, 1, 16, 16, 5, 2200),  # more past blocks (137) than one gate chunk (64)
 ]
 
 
@@ -139,13 +139,13 @@ def tie_case() -> bool:
 
 def split_and_whole():
     """Blocks split into pieces (PIECE 8: 2-3 per block), into pieces with a shorter last one (PIECE 10 of 16- and
-    24-blocks) and whole (PIECE larger than the blocks); the gate's scores held at once or walked in pieces
-    (SELECT 4: only the 137-block case; SELECT 2: every case with more than 2 past blocks)."""
+    24-blocks) and whole (PIECE larger than the blocks); the gate's chunks of 4, 2 and 64 means (64: only the
+    137-block case takes more than one)."""
     from moba_train.ops.fused import decode
 
     results = {}
-    for name, piece, select in (("split", 8, 4), ("uneven", 10, 2), ("whole", 1024, 1024)):
-        decode.PIECE, decode.SELECT = piece, select
+    for name, piece, chunk in (("split", 8, 4), ("uneven", 10, 2), ("whole", 1024, 64)):
+        decode.PIECE, decode.GATE_CHUNK = piece, chunk
         decode.MERGE_CHUNK = 4  # several merge chunks per row (up to 8 slots x 3 pieces)
         results[name] = [run_case(*case, seed=i) for i, case in enumerate(CASES)]
     return results
@@ -165,8 +165,8 @@ def ties_both_ways() -> list[bool]:
     from moba_train.ops.fused import decode
 
     results = []
-    for select in (1024, 2):  # all scores at once; in pieces of 2, so ties meet within and across pieces
-        decode.SELECT = select
+    for chunk in (64, 2):  # all scores in one chunk; in chunks of 2, so ties meet within and across chunks
+        decode.GATE_CHUNK = chunk
         results += [tie_case(), tied_then_better()]
     return results
 

@@ -186,6 +186,18 @@ def test_host_offsets_read_once_per_tensor_and_version(monkeypatch):
     assert host_offsets(cu) == (0, 7, 9)
 
 
+def test_bf16_split_of_the_means_is_exact():
+    """The bf16 gate's three products are exact only if the parts add back to the fp32 mean: over magnitudes
+    from 1e-6 to 1e6, every element's parts sum (in float64) to it exactly, and each part is needed."""
+    from moba_train.ops.fused.gate import split_bf16
+
+    x = torch.randn(64, 8, 128) * torch.logspace(-6, 6, 128)
+    parts = split_bf16(x)
+    assert parts.shape == (3, *x.shape) and parts.dtype == torch.bfloat16
+    assert torch.equal(parts.double().sum(0), x.double())
+    assert not torch.equal(parts[:2].double().sum(0), x.double())
+
+
 def test_varlen_needs_cuda():
     from moba_train.ops import moba_attn
 

@@ -2,11 +2,11 @@
 blocks, read in place.
 
 The torch path scores, picks, gathers each head's selected blocks into a copy and runs SDPA over it: some twenty
-small launches per layer, which bound a decode step at batch 1. Here three kernels: the gate (scores of the past
-blocks and the top-(k-1) by repeated max, one program per (row, query head)); one program per (row, query head,
-selected slot, piece of PIECE keys) runs an online softmax over those keys straight from the cache
-[B, Hkv, L, D] and writes a partial output with its log-sum-exp (one row has too little work for one program); a
-merge of the pieces of each (row, head).
+small launches per layer, which bound a decode step at batch 1. Here three kernels: the gate (one program per
+(row, query head) scores the past blocks a chunk at a time into the prefill gate's running top-(k-1)); one program
+per (row, query head, selected slot, piece of PIECE keys) runs an online softmax over those keys straight from the
+cache [B, Hkv, L, D] and writes a partial output with its log-sum-exp (one row has too little work for one
+program); a merge of the pieces of each (row, head).
 """
 
 import torch
@@ -18,15 +18,15 @@ from moba_train.ops.fused.gate import empty_top, update_top
 
 PIECE = 512  # keys per program in the attention kernel (a block's last piece may be shorter)
 MERGE_CHUNK = 16  # partial outputs the merge holds at a time
-SELECT = 1024  # block scores the gate holds in registers at a time (more: it walks them in pieces)
+GATE_CHUNK = 64  # block means the gate scores at a time
 
 
 # length grows by one per step and n_means with the cache: specialising on them (equal to 1, a multiple of 16)
 # compiled another variant mid-generation, a ~0.3 s stall; nothing here depends on the cache's size at compile time
 @triton.jit(do_not_specialize=["length", "n_means"])
-def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
+def _gate_kernel(Q, Means, Starts, Idx, length, n_means, stride_mb, stride_mh, stride_mn, HQ: tl.constexpr,
                  HKV: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                 CHUNK: tl.constexpr, SELECT: tl.constexpr, KP: tl.constexpr):
+                 CHUNK: tl.constexpr, KP: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HQ
     hk = bh % HQ // (HQ // HKV)
@@ -35,29 +35,15 @@ def _gate_kernel(Q, Means, Starts, Idx, Scores, length, n_means, stride_mb, stri
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * D + offs_d).to(tl.float32)
     m_base = Means + b.to(tl.int64) * stride_mb + hk.to(tl.int64) * stride_mh
-    row = Scores + bh.to(tl.int64) * n_means  # this program's scratch row
-    for c0 in range(0, n_past, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate) into the row
-        offs = c0 + tl.arange(0, CHUNK)
-        live = offs < n_past
-        means = tl.load(m_base + offs[:, None] * stride_mn + offs_d[None, :], mask=live[:, None], other=0.0)
-        tl.store(row + offs, tl.sum(means * q[None, :], 1), mask=live)
-    tl.debug_barrier()  # the scores were written by other threads of this program
-    # the best remaining block per round, the lower one on ties; -1 once none is left
-    col = tl.arange(0, SELECT)
-    if n_past <= SELECT:  # the usual case: every score in registers at once
-        s = tl.load(row + col, mask=col < n_past, other=float("-inf"))
-        for r in range(TOP_K - 1):
-            best = tl.max(s, 0)
-            pos = tl.min(tl.where(s == best, col, SELECT), 0)
-            tl.store(Idx + bh * TOP_K + r, tl.where(best > float("-inf"), pos, -1))
-            s = tl.where(col == pos, float("-inf"), s)
-    else:  # more blocks than registers hold: one walk in pieces with a running top-(k-1), as the prefill gate
-        slot = tl.arange(0, KP)
-        top_v, top_i = empty_top(slot, 1, TOP_K, KP)
-        for c0 in range(0, n_past, SELECT):
-            s = tl.load(row + c0 + col, mask=c0 + col < n_past, other=float("-inf"))
-            top_v, top_i = update_top(s[None, :], top_v, top_i, c0, col, slot, TOP_K, SELECT, KP)
-        tl.store(Idx + bh * TOP_K + slot[None, :], top_i, mask=slot[None, :] < TOP_K - 1)
+    col = tl.arange(0, CHUNK)
+    slot = tl.arange(0, KP)
+    top_v, top_i = empty_top(slot, 1, TOP_K, KP)
+    for c0 in range(0, n_past, CHUNK):  # fp32 scores q . mean (no scale, as in the prefill gate), a chunk at a time
+        live = c0 + col < n_past
+        means = tl.load(m_base + (c0 + col)[:, None] * stride_mn + offs_d[None, :], mask=live[:, None], other=0.0)
+        s = tl.where(live, tl.sum(means * q[None, :], 1), float("-inf"))
+        top_v, top_i = update_top(s[None, :], top_v, top_i, c0, col, slot, TOP_K, CHUNK, KP)
+    tl.store(Idx + bh * TOP_K + slot[None, :], top_i, mask=slot[None, :] < TOP_K - 1)  # -1 where none is left
     tl.store(Idx + bh * TOP_K + TOP_K - 1, own)
 
 
@@ -138,10 +124,9 @@ def decode_gate(query: Tensor, means: Tensor, starts: Tensor, length: int, block
     if means.shape[2] < n_past:  # the kernel reads n_past means per row: it would read past the buffer
         raise ValueError(f"decode_gate: means hold {means.shape[2]} blocks, rows have up to {n_past} past blocks")
     idx = torch.empty(batch, hq, top_k, device=query.device, dtype=torch.int32)
-    scores = torch.empty(batch * hq, max(means.shape[2], 1), device=query.device, dtype=torch.float32)
     _gate_kernel[(batch * hq,)](query.reshape(batch * hq, dim).contiguous(), means, starts.to(torch.int32), idx,
-                                scores, length, means.shape[2], *means.stride()[:3], HQ=hq, HKV=means.shape[1],
-                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, CHUNK=64, SELECT=SELECT,
+                                length, means.shape[2], *means.stride()[:3], HQ=hq, HKV=means.shape[1],
+                                TOP_K=top_k, BLOCK_SIZE=block_size, D=dim, CHUNK=GATE_CHUNK,
                                 KP=triton.next_power_of_2(top_k), num_warps=4)
     return idx
 

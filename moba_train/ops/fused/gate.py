@@ -3,9 +3,10 @@
 One program per (query tile, query head). Tiles never straddle blocks, so every row of a tile has the same
 candidates (blocks 0..b-1 of its document); the program streams their means in chunks and keeps a running
 top-(k-1) per row in registers. Scores keep fp32 semantics so selections match the reference: for bf16
-queries each fp32 mean is split into three bf16 parts (together exact to fp32 rounding) and the three
-products run on the tensor cores with fp32 accumulation, since a bf16 x bf16 product is exact in fp32;
-other dtypes take the fp32 `ieee` dot (FMA units, several times slower).
+queries each fp32 mean is split into three bf16 parts (together exact to fp32 rounding; split once per call, not
+once per program that reads the mean) and the three products run on the tensor cores with fp32 accumulation,
+since a bf16 x bf16 product is exact in fp32; other dtypes take the fp32 `ieee` dot (FMA units, several times
+slower).
 """
 
 import torch
@@ -48,7 +49,7 @@ def update_top(s, top_v, top_i, c0, col, slot, TOPK: tl.constexpr, BLOCK_B: tl.c
 
 
 @triton.jit
-def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
+def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr):
     tile = tl.program_id(0)
@@ -68,18 +69,13 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
     for c0 in range(0, b, BLOCK_B):
         offs_b = c0 + col
         mask_b = offs_b < b
-        mean = tl.load(Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :],
-                       mask=mask_b[:, None], other=0.0)
-        if SPLIT:  # smallest part first
-            hi = mean.to(tl.bfloat16)
-            rest = mean - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            s = tl.dot(q, tl.trans(lo))
-            s = tl.dot(q, tl.trans(mid), s)
-            s = tl.dot(q, tl.trans(hi), s)
+        ptrs = Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :]
+        if SPLIT:  # Means holds the parts hi, mid, lo part_stride apart; smallest first
+            s = tl.dot(q, tl.trans(tl.load(ptrs + 2 * part_stride, mask=mask_b[:, None], other=0.0)))
+            s = tl.dot(q, tl.trans(tl.load(ptrs + part_stride, mask=mask_b[:, None], other=0.0)), s)
+            s = tl.dot(q, tl.trans(tl.load(ptrs, mask=mask_b[:, None], other=0.0)), s)
         else:
-            s = tl.dot(q, tl.trans(mean), input_precision="ieee")
+            s = tl.dot(q, tl.trans(tl.load(ptrs, mask=mask_b[:, None], other=0.0)), input_precision="ieee")
         s = tl.where(mask_b[None, :], s, float("-inf"))
         top_v, top_i = update_top(s, top_v, top_i, c0, col, slot, TOPK, BLOCK_B, KP)
 
@@ -91,13 +87,23 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal,
     tl.store(Out + rows[:, None] * TOPK + slot[None, :], sel, mask=mask_m[:, None] & (slot[None, :] < TOPK))
 
 
+def split_bf16(x: Tensor) -> Tensor:
+    """fp32 x -> [3, *x.shape] bf16 parts hi, mid, lo with hi + mid + lo == x up to fp32 rounding (8 mantissa bits
+    each, 24 in all)."""
+    hi = x.bfloat16()
+    rest = x - hi.float()
+    mid = rest.bfloat16()
+    return torch.stack([hi, mid, (rest - mid.float()).bfloat16()])
+
+
 def select(q: Tensor, means: Tensor, layout: Layout, top_k: int, cfg: dict | None = None) -> Tensor:
     """q [T, Hq, D] contiguous, means [B, Hkv, D] fp32 -> [T, Hq, top_k] int32 canonical selection."""
     tokens, hq, dim = q.shape
     out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
+    split = q.dtype == torch.bfloat16 and q.is_cuda  # the interpreter's bf16 dot is inexact
     grid = (layout.q_tiles.shape[0], hq)
-    _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
-                       HQ=hq, HKV=means.shape[1], D=dim, TOPK=top_k, KP=triton.next_power_of_2(top_k),
-                       BLOCK_M=layout.tile_m, SPLIT=q.dtype == torch.bfloat16 and q.is_cuda,  # interpreter: inexact
+    _gate_kernel[grid](q, split_bf16(means) if split else means, out, layout.q_tiles, layout.blk_start,
+                       layout.blk_len, layout.blk_local, means.numel(), HQ=hq, HKV=means.shape[1], D=dim, TOPK=top_k,
+                       KP=triton.next_power_of_2(top_k), BLOCK_M=layout.tile_m, SPLIT=split,
                        **(cfg or {"BLOCK_B": 32, "num_warps": 4}))
     return out
