@@ -20,7 +20,6 @@ from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
-from moba_train.ops.fused.means import block_means
 from moba_train.ops.fused.routing import build_routes
 
 K = 1024
@@ -112,7 +111,7 @@ def stages(q, k, v, cu, block_size, top_k, scale):
     """Triton forward stage times (ms): layout tables (host), gate (block means + scores + top-k), routing,
     the own-block pass alone, and the rest of the forward (past-block passes with the running-state traffic)."""
     layout_ms, layout = cuda_ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
-    gate_ms, idx = cuda_ms(lambda: select(q, block_means(k, layout), layout, top_k))
+    gate_ms, idx = cuda_ms(lambda: select(q, k, layout, top_k))
     route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], 128))
     no_past = routes.own_only()
     own_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, no_past, scale, False))

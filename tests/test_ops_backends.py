@@ -186,16 +186,10 @@ def test_host_offsets_read_once_per_tensor_and_version(monkeypatch):
     assert host_offsets(cu) == (0, 7, 9)
 
 
-def test_bf16_split_of_the_means_is_exact():
+def test_bf16_parts_of_the_means_add_up_exactly(interpreted):
     """The bf16 gate's three products are exact only if the parts add back to the fp32 mean: over magnitudes
-    from 1e-6 to 1e6, every element's parts sum (in float64) to it exactly, and each part is needed."""
-    from moba_train.ops.fused.gate import split_bf16
-
-    x = torch.randn(64, 8, 128) * torch.logspace(-6, 6, 128)
-    parts = split_bf16(x)
-    assert parts.shape == (3, *x.shape) and parts.dtype == torch.bfloat16
-    assert torch.equal(parts.double().sum(0), x.double())
-    assert not torch.equal(parts[:2].double().sum(0), x.double())
+    from 1e-6 to 1e6, every element's parts sum (in float64) to it exactly, and the third part is needed."""
+    assert interpreted["means_parts"] == {"exact": True, "third_needed": True}
 
 
 def test_varlen_needs_cuda():
@@ -206,7 +200,17 @@ def test_varlen_needs_cuda():
         moba_attn(q, q, q, torch.tensor([0, 8], dtype=torch.int32), 8, 4, 2, backend="varlen")
 
 
+def means_parts() -> dict:
+    from moba_train.ops.fused.layout import build_layout
+    from moba_train.ops.fused.means import block_means
+
+    k = torch.randn(200, 2, 16, generator=torch.Generator().manual_seed(3)) * torch.logspace(-6, 6, 16)
+    layout = build_layout(torch.tensor([0, 90, 200], dtype=torch.int32), 32, 16, k.device)  # short last blocks
+    means, parts = block_means(k, layout).double(), block_means(k, layout, parts=True).double()
+    return {"exact": torch.equal(parts.sum(0), means), "third_needed": not torch.equal(parts[:2].sum(0), means)}
+
+
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
-                      "tied_then_better": tied_then_better(),
+                      "tied_then_better": tied_then_better(), "means_parts": means_parts(),
                       "zero_rows": zero_rows_case(), "double_backward_refused": double_backward_refused()}))

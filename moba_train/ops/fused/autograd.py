@@ -9,7 +9,6 @@ from moba_train.ops.fused.bwd import backward
 from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
-from moba_train.ops.fused.means import block_means
 from moba_train.ops.fused.routing import build_routes
 
 
@@ -39,7 +38,7 @@ def aligned(x: Tensor) -> Tensor:
 def selection(q: Tensor, k: Tensor, cu_seqlens: Tensor, block_size: int, top_k: int):
     """Layout and canonical selection [T, Hq, top_k] of one call (no gradient)."""
     layout = build_layout(cu_seqlens, block_size, query_tile(block_size, interpreting()), q.device)
-    return layout, select(q, block_means(k, layout), layout, top_k)
+    return layout, select(q, k, layout, top_k)
 
 
 class MobaAttn(torch.autograd.Function):

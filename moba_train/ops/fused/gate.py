@@ -3,8 +3,8 @@
 One program per (query tile, query head). Tiles never straddle blocks, so every row of a tile has the same
 candidates (blocks 0..b-1 of its document); the program streams their means in chunks and keeps a running
 top-(k-1) per row in registers. Scores keep fp32 semantics so selections match the reference: for bf16
-queries each fp32 mean is split into three bf16 parts (together exact to fp32 rounding; split once per call, not
-once per program that reads the mean) and the three products run on the tensor cores with fp32 accumulation,
+queries each fp32 mean comes as three bf16 parts that add up to it exactly (`block_means`; split in the program
+that reads a mean, they cost 13% more time) and the three products run on the tensor cores with fp32 accumulation,
 since a bf16 x bf16 product is exact in fp32; other dtypes take the fp32 `ieee` dot (FMA units, several times
 slower).
 """
@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout, own_tile
+from moba_train.ops.fused.means import block_means
 
 
 @triton.jit
@@ -87,23 +88,15 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
     tl.store(Out + rows[:, None] * TOPK + slot[None, :], sel, mask=mask_m[:, None] & (slot[None, :] < TOPK))
 
 
-def split_bf16(x: Tensor) -> Tensor:
-    """fp32 x -> [3, *x.shape] bf16 parts hi, mid, lo with hi + mid + lo == x up to fp32 rounding (8 mantissa bits
-    each, 24 in all)."""
-    hi = x.bfloat16()
-    rest = x - hi.float()
-    mid = rest.bfloat16()
-    return torch.stack([hi, mid, (rest - mid.float()).bfloat16()])
-
-
-def select(q: Tensor, means: Tensor, layout: Layout, top_k: int, cfg: dict | None = None) -> Tensor:
-    """q [T, Hq, D] contiguous, means [B, Hkv, D] fp32 -> [T, Hq, top_k] int32 canonical selection."""
+def select(q: Tensor, k: Tensor, layout: Layout, top_k: int, cfg: dict | None = None) -> Tensor:
+    """q [T, Hq, D], k [T, Hkv, D] contiguous -> [T, Hq, top_k] int32 canonical selection."""
     tokens, hq, dim = q.shape
     out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
     split = q.dtype == torch.bfloat16 and q.is_cuda  # the interpreter's bf16 dot is inexact
+    means = block_means(k, layout, parts=split)
     grid = (layout.q_tiles.shape[0], hq)
-    _gate_kernel[grid](q, split_bf16(means) if split else means, out, layout.q_tiles, layout.blk_start,
-                       layout.blk_len, layout.blk_local, means.numel(), HQ=hq, HKV=means.shape[1], D=dim, TOPK=top_k,
+    _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
+                       means[0].numel() if split else 0, HQ=hq, HKV=k.shape[1], D=dim, TOPK=top_k,
                        KP=triton.next_power_of_2(top_k), BLOCK_M=layout.tile_m, SPLIT=split,
                        **(cfg or {"BLOCK_B": 32, "num_warps": 4}))
     return out

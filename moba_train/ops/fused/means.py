@@ -1,4 +1,5 @@
-"""Fused block means: one pass over K, fp32 sums, [B, Hkv, D] out (B = blocks over the batch)."""
+"""Fused block means: one pass over K, fp32 sums, [B, Hkv, D] out (B = blocks over the batch), or the three bf16
+parts of each fp32 mean that the gate's bf16 products take."""
 
 import torch
 import triton
@@ -9,7 +10,8 @@ from moba_train.ops.fused.layout import Layout
 
 
 @triton.jit
-def _means_kernel(K, Out, BlkStart, BlkLen, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+def _means_kernel(K, Out, BlkStart, BlkLen, part_stride, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  PARTS: tl.constexpr):
     gb = tl.program_id(0)
     hk = tl.program_id(1)
     start = tl.load(BlkStart + gb)
@@ -20,12 +22,25 @@ def _means_kernel(K, Out, BlkStart, BlkLen, HKV: tl.constexpr, D: tl.constexpr, 
         offs_t = t0 + tl.arange(0, BLOCK_T)
         ptrs = K + ((start + offs_t).to(tl.int64)[:, None] * HKV + hk) * D + offs_d[None, :]
         acc += tl.sum(tl.load(ptrs, mask=(offs_t < length)[:, None], other=0.0).to(tl.float32), 0)
-    tl.store(Out + (gb * HKV + hk) * D + offs_d, acc / length.to(tl.float32))
+    mean = acc / length.to(tl.float32)
+    out = Out + (gb * HKV + hk) * D + offs_d
+    if PARTS:  # hi, mid, lo, part_stride apart; rest and the last part are exact (fp32 has 24 mantissa bits)
+        hi = mean.to(tl.bfloat16)
+        rest = mean - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        tl.store(out, hi)
+        tl.store(out + part_stride, mid)
+        tl.store(out + 2 * part_stride, (rest - mid.to(tl.float32)).to(tl.bfloat16))
+    else:
+        tl.store(out, mean)
 
 
-def block_means(k: Tensor, layout: Layout) -> Tensor:
-    """k [T, Hkv, D] contiguous -> [B, Hkv, D] fp32 mean key of every block of every document."""
+def block_means(k: Tensor, layout: Layout, parts: bool = False) -> Tensor:
+    """k [T, Hkv, D] contiguous -> [B, Hkv, D] fp32 mean key of every block of every document; with `parts`
+    [3, B, Hkv, D] bf16 hi, mid, lo, whose sum is that fp32 mean exactly."""
     _, hkv, dim = k.shape
-    out = torch.empty(layout.n_blocks, hkv, dim, device=k.device, dtype=torch.float32)
-    _means_kernel[(layout.n_blocks, hkv)](k, out, layout.blk_start, layout.blk_len, HKV=hkv, D=dim, BLOCK_T=64)
+    shape = (3, layout.n_blocks, hkv, dim) if parts else (layout.n_blocks, hkv, dim)
+    out = torch.empty(shape, device=k.device, dtype=torch.bfloat16 if parts else torch.float32)
+    _means_kernel[(layout.n_blocks, hkv)](k, out, layout.blk_start, layout.blk_len, layout.n_blocks * hkv * dim,
+                                          HKV=hkv, D=dim, BLOCK_T=64, PARTS=parts)
     return out
