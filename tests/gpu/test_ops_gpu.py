@@ -98,7 +98,8 @@ def test_backend_matches_naive(backend, case, dtype):
         assert_close(f"{backend} {name}", a, b, same if name in ("out", "dq") else None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the split-mean tensor-core path
+# bf16: the split-mean tensor-core path; fp16: the same with the queries split in two bf16 parts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GRID, ids=str)
 def test_fused_select_is_exact(case, dtype):
     lengths, hq, hkv, dim, block_size, top_k = case

@@ -5,8 +5,9 @@ candidates (blocks 0..b-1 of its document); the program streams their means in c
 top-(k-1) per row in registers. Scores keep fp32 semantics so selections match the reference: for bf16
 queries each fp32 mean comes as three bf16 parts that add up to it exactly, made once per call by `block_means`
 (split inside every program that reads them, the gate took 13% longer), and the three products run on the tensor
-cores with fp32 accumulation, since a bf16 x bf16 product is exact in fp32; other dtypes take the fp32 `ieee` dot
-(FMA units, several times slower).
+cores with fp32 accumulation, since a bf16 x bf16 product is exact in fp32. fp16 queries are two bf16 parts each
+(exact: 11 mantissa bits), so six products; fp32 queries take the fp32 `ieee` dot (FMA units, several times
+slower).
 """
 
 import torch
@@ -52,7 +53,7 @@ def update_top(s, top_v, top_i, c0, col, slot, TOPK: tl.constexpr, BLOCK_B: tl.c
 @triton.jit
 def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, Q_PARTS: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -63,6 +64,9 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
     if not SPLIT:
         q = q.to(tl.float32)
+    elif Q_PARTS == 2:  # fp16 queries (11-bit mantissas) as two bf16 parts that add up to them exactly
+        q_hi = q.to(tl.float32).to(tl.bfloat16)
+        q_lo = (q.to(tl.float32) - q_hi.to(tl.float32)).to(tl.bfloat16)
 
     slot = tl.arange(0, KP)
     col = tl.arange(0, BLOCK_B)
@@ -71,10 +75,20 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
         offs_b = c0 + col
         mask_b = offs_b < b
         ptrs = Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :]
-        if SPLIT:  # Means holds the parts hi, mid, lo part_stride apart; smallest first
+        if SPLIT and Q_PARTS == 1:  # Means holds the parts hi, mid, lo part_stride apart; smallest first
             s = tl.dot(q, tl.trans(tl.load(ptrs + 2 * part_stride, mask=mask_b[:, None], other=0.0)))
             s = tl.dot(q, tl.trans(tl.load(ptrs + part_stride, mask=mask_b[:, None], other=0.0)), s)
             s = tl.dot(q, tl.trans(tl.load(ptrs, mask=mask_b[:, None], other=0.0)), s)
+        elif SPLIT:  # both query parts times the three mean parts, smallest products first
+            lo = tl.load(ptrs + 2 * part_stride, mask=mask_b[:, None], other=0.0)
+            mid = tl.load(ptrs + part_stride, mask=mask_b[:, None], other=0.0)
+            s = tl.dot(q_lo, tl.trans(lo))
+            s = tl.dot(q_lo, tl.trans(mid), s)
+            s = tl.dot(q_hi, tl.trans(lo), s)
+            hi = tl.load(ptrs, mask=mask_b[:, None], other=0.0)
+            s = tl.dot(q_lo, tl.trans(hi), s)
+            s = tl.dot(q_hi, tl.trans(mid), s)
+            s = tl.dot(q_hi, tl.trans(hi), s)
         else:
             s = tl.dot(q, tl.trans(tl.load(ptrs, mask=mask_b[:, None], other=0.0)), input_precision="ieee")
         s = tl.where(mask_b[None, :], s, float("-inf"))
@@ -92,11 +106,12 @@ def select(q: Tensor, k: Tensor, layout: Layout, top_k: int, cfg: dict | None = 
     """q [T, Hq, D], k [T, Hkv, D] contiguous -> [T, Hq, top_k] int32 canonical selection."""
     tokens, hq, dim = q.shape
     out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
-    split = q.dtype == torch.bfloat16 and q.is_cuda  # the interpreter's bf16 dot is inexact
+    split = q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda  # the interpreter's bf16 dot is inexact
     means = block_means(k, layout, parts=split)
     grid = (layout.q_tiles.shape[0], hq)
     _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                        means[0].numel() if split else 0, HQ=hq, HKV=k.shape[1], D=dim, TOPK=top_k,
                        KP=triton.next_power_of_2(top_k), BLOCK_M=layout.tile_m, SPLIT=split,
+                       Q_PARTS=2 if split and q.dtype == torch.float16 else 1,
                        **(cfg or {"BLOCK_B": 32, "num_warps": 4}))
     return out
