@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from moba_train.data.config import DataConfig
 from moba_train.errors import ConfigError
 from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, ModelConfig
+from moba_train.model.rope import ROPE_SCALING_KEYS
 from moba_train.ops import BACKENDS
 from moba_train.parallel.config import CP_MODES, ParallelConfig
 from moba_train.train.config import AC_MODES, CheckpointConfig, LoggerConfig, TrainConfig
@@ -68,6 +69,13 @@ def validate(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
     _require(m.head_size % 2 == 0, f"head dim {m.head_size} must be even for RoPE (model.head_dim)")
+    if m.rope_scaling:
+        _require(isinstance(m.rope_scaling, dict), f"model.rope_scaling={m.rope_scaling!r} must be a mapping "
+                 "such as {rope_type: linear, factor: 4.0}")
+        kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
+        _one_of("model.rope_scaling.rope_type", kind, ROPE_SCALING_KEYS)
+        missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in m.rope_scaling]
+        _require(not missing, f"model.rope_scaling of rope_type {kind} needs {missing}")
 
     _one_of("attention.kind", a.kind, ATTENTION_KINDS)
     _one_of("attention.backend", a.backend, ("auto",) + BACKENDS)

@@ -297,6 +297,23 @@ def test_rollback_moves_the_newer_checkpoints_aside(tmp_path):
     assert Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.keep=3")).step == 4
 
 
+def test_fresh_start_sets_an_earlier_run_aside(tmp_path):
+    """checkpoint.resume=none in a used out_dir: the earlier run's checkpoints and metrics go to .abandoned-*, so
+    metrics.jsonl holds only the new run and a later resume=auto continues the new run, not the old one."""
+    Trainer(config(tmp_path, "checkpoint.interval=3")).train()
+    root = tmp_path / "checkpoints"
+    Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.resume=none", "train.steps=2")).train()
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
+    (aside,) = [n for n in os.listdir(root) if n.startswith(ckpt.ABANDONED_PREFIX)]
+    assert sorted(os.listdir(root / aside)) == ["metrics.jsonl", "step_00000003", "step_00000006"]
+    assert sorted(losses(tmp_path)) == [1, 2]
+    assert sorted(losses(root / aside)) == [1, 2, 3, 4, 5, 6]
+    assert Trainer(config(tmp_path, "checkpoint.interval=2")).step == 2
+    with pytest.raises(UserError, match="is a checkpoint of this train.out_dir"):  # not moved from under itself
+        Trainer(config(tmp_path, "checkpoint.resume=none", f"model.init_from={root / 'step_00000002'}"))
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
+
+
 def test_resume_takes_the_optimizer_settings_of_the_config(tmp_path, caplog):
     Trainer(config(tmp_path, "train.steps=2", "train.lr=1e-3")).train()
     cfg = config(tmp_path, "train.steps=4", "train.lr=1e-5", "train.beta2=0.99", "train.weight_decay=0.05")

@@ -38,6 +38,8 @@ def test_recipes_compose():
     ("train.device=tpu", "train.device='tpu' is not one of"),
     ("attention.full_attn_last_k=9", "attention.full_attn_last_k=9 must be in"),
     ("attention.layers=[moba]", "attention.layers has 1 entries"),
+    ("model.rope_scaling={rope_type: yarn, factor: 2.0}", "model.rope_scaling.rope_type='yarn' is not one of"),
+    ("model.rope_scaling={rope_type: llama3, factor: 8.0}", "rope_type llama3 needs ['low_freq_factor'"),
     # stages are checked with the rest of the config, before the trainer loads any weights
     ("attention.schedule=[{at:0.5,kind:sparse}]", "attention.schedule[0].kind='sparse' is not one of"),
     ("data.seq_len_schedule=[{at:0.0,seq_len:300}]", "data.seq_len_schedule[0].seq_len=300 must divide"),
@@ -49,6 +51,21 @@ def test_recipes_compose():
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=re.escape(match)):
         load("+exp=tiny", override)
+
+
+def test_rope_scaling_from_the_command_line():
+    """Position interpolation as the continue_llama recipe documents it: the schema's default is None, and the
+    override must still land (a typed Optional[dict] node set to None refused it)."""
+    import torch
+
+    from moba_train.model.llama import Llama
+    from moba_train.model.rope import inv_frequencies
+
+    cfg = load("+exp=tiny", "model.rope_scaling={rope_type: linear, factor: 4.0}")
+    assert cfg.model.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    base = inv_frequencies(cfg.model.head_size, cfg.model.rope_theta, None)
+    assert torch.allclose(Llama(cfg.model, cfg.attention).inv_freq, base / 4)
+    assert load("+exp=tiny").model.rope_scaling is None
 
 
 def test_megatron_data_needs_a_path():

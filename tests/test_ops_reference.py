@@ -1,4 +1,5 @@
-"""The MoBA reference (gate + naive backend) against independent dense math and the DESIGN.md equivalences."""
+"""The MoBA reference (gate + naive backend) against independent dense math and the contract's equivalences
+(README.md, "The MoBA op")."""
 
 import math
 

@@ -1,8 +1,8 @@
 """MoBA routing for queries that see a KV cache: the prefill gate's rule (`moba_train.ops.gate`) in cache layout.
 
-The rule (DESIGN.md): a query in block `own` of its document scores every block j < own by q . mean(K_j) in fp32,
-no scale; it keeps its own block plus the best `top_k - 1` of those (`gate.pick_blocks`). Block means come from
-`gate.block_means`; this module only lays them out for the cache.
+The rule (README.md, "The MoBA op"): a query in block `own` of its document scores every block j < own by
+q . mean(K_j) in fp32, no scale; it keeps its own block plus the best `top_k - 1` of those (`gate.pick_blocks`).
+Block means come from `gate.block_means`; this module only lays them out for the cache.
 """
 
 import torch

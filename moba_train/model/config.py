@@ -21,8 +21,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # Llama-3 style {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"} or {"rope_type": "linear", "factor"} (position interpolation)
-    rope_scaling: Optional[dict[str, Any]] = None
+    # "original_max_position_embeddings"} or {"rope_type": "linear", "factor"} (position interpolation). Typed Any:
+    # a typed Optional[dict] node set to None cannot take `model.rope_scaling={...}` from the command line
+    rope_scaling: Any = None
     tie_embeddings: bool = False
     max_seq_len: int = 8192
     init_std: float = 0.02

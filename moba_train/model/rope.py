@@ -6,6 +6,11 @@ import torch
 from torch import Tensor
 
 
+# the keys each kind of `model.rope_scaling` needs (transformers' names)
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if not scaling:
@@ -15,7 +20,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor
     if kind == "linear":  # position interpolation
         return (inv_freq / factor).float()
     if kind != "llama3":
-        raise ValueError(f"model.rope_scaling.rope_type={kind!r} is not one of ('llama3', 'linear')")
+        raise ValueError(f"model.rope_scaling.rope_type={kind!r} is not one of {tuple(ROPE_SCALING_KEYS)}")
     old_ctx = scaling["original_max_position_embeddings"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq

@@ -44,10 +44,10 @@ def resolve_backend(backend: str, q: Tensor) -> str:
 
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int = 4096,
               top_k: int = 12, backend: str = "auto", softmax_scale: float | None = None) -> Tensor:
-    """MoBA attention over a packed batch; every backend meets the contract in DESIGN.md.
+    """MoBA attention over a packed batch; every backend meets the contract in README.md ("The MoBA op").
 
     `auto` runs a batch whose documents all have at most `top_k` blocks as full attention: every block is
-    selected there, so MoBA is exactly full causal attention (DESIGN.md), and dense kernels do it faster.
+    selected there, so MoBA is exactly full causal attention (README.md), and dense kernels do it faster.
 
     cu_seqlens' values are read on the host once per tensor (ops/offsets.py): rewrite it in place only through
     the tensor itself (`cu.copy_(...)`), never behind its version counter (`cu.data`), or pass a new tensor.

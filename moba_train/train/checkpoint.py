@@ -8,7 +8,8 @@ Layout under `<train.out_dir>/checkpoints/`:
       rng_<rank>.pt           torch CPU/CUDA, numpy and python RNG states of each rank
       manifest.json           every file of the checkpoint with its size; written last
     .tmp-step_00000100/       a save in progress (or one that died): never read, removed on the next start
-    .abandoned-<UTC time>/    checkpoints newer than an explicit older one a run was rolled back to
+    .abandoned-<UTC time>/    checkpoints newer than an explicit older one a run was rolled back to, or an
+                              earlier run's checkpoints and metrics.jsonl at a fresh start (resume=none)
 
 A save writes everything under the temporary name, then rank 0 renames it (atomic on one filesystem).
 An async save is published at the first step boundary at which every rank has finished writing it.
@@ -285,17 +286,24 @@ class Checkpointer:
             os.replace(path, doomed)  # never half-deleted under a complete name
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def _abandon_newer(self, step: int) -> None:
-        """Move this run's checkpoints newer than the resumed `step` aside (rank 0): they belong to the branch rolled
-        back from, which retention (by step number) and resume=auto must not take for this one."""
+    def _abandon_newer(self, step: int, metrics: Optional[str] = None) -> None:
+        """Move the checkpoints newer than the resumed `step` aside (rank 0): they belong to the branch rolled back
+        from, which retention (by step number) and resume=auto must not take for this one. A fresh start (step -1)
+        sets an earlier run in the same out_dir aside whole, with its `metrics` file."""
         newer = [path for s, path in list_checkpoints(self.root) if s > step] if self.is_main else []
         if newer:
             aside = os.path.join(self.root, ABANDONED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
             os.makedirs(aside, exist_ok=True)
+            if metrics is not None and os.path.isfile(metrics):
+                newer.append(metrics)
             for path in newer:
                 os.replace(path, os.path.join(aside, os.path.basename(path)))
-            log.warning("resumed at step %d, older than this run's newest checkpoint: moved %s to %s", step,
-                        ", ".join(os.path.basename(p) for p in newer), aside)
+            moved = ", ".join(os.path.basename(p) for p in newer)
+            if step < 0:
+                log.warning("checkpoint.resume=none in an out_dir with an earlier run: moved %s to %s", moved, aside)
+            else:
+                log.warning("resumed at step %d, older than this run's newest checkpoint: moved %s to %s", step,
+                            moved, aside)
         _barrier()
 
     def cleanup_stale(self) -> None:
@@ -332,12 +340,18 @@ class Checkpointer:
         log.info("resumed from %s at step %d", path, trainer.step)
         return json.loads(train_state.get("run", "{}"))
 
-    def resume(self, trainer, out_dir: str, run_info: Optional[dict] = None) -> Optional[str]:
+    def resume(self, trainer, out_dir: str, run_info: Optional[dict] = None,
+               init_from: Optional[str] = None) -> Optional[str]:
         """Apply checkpoint.resume: load the newest (auto) or the given checkpoint; None when starting fresh.
         Facts of the run (`run_info`: global batch, data...) that differ from the saved ones are logged."""
         path = resolve_resume(self.cfg.resume, out_dir)
         self.cleanup_stale()
-        if path is None:
+        if path is None:  # a fresh start: an earlier run's checkpoints would be resumed by a later resume=auto
+            if init_from and os.path.abspath(init_from).startswith(os.path.abspath(self.root) + os.sep):
+                raise CheckpointError(f"model.init_from={init_from} is a checkpoint of this train.out_dir, which "
+                                      "checkpoint.resume=none starts afresh: write the new run to another "
+                                      "train.out_dir")
+            self._abandon_newer(-1, os.path.join(out_dir, "metrics.jsonl"))
             return None
         try:
             saved = self.load(trainer, path)

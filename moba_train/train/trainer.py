@@ -58,7 +58,7 @@ class Trainer:
         self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
                          "seq_len": cfg.data.seq_len, "steps": cfg.train.steps}
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
-        if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info):
+        if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info, cfg.model.init_from):
             apply_config(self.optimizer, self.scheduler, cfg.train)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
