@@ -90,7 +90,7 @@ def main():
               f"{'yes' if shared <= SMEM_LIMIT else 'NO'} |")
     if elem == 2:  # 16-bit queries read the means as bf16 parts (fp16 queries in two bf16 parts themselves)
         gate_types = {**types, "Out": "*i32", "Means": "*bf16", "part_stride": "i32"}  # Means: the bf16 parts
-        consts = dict(HQ=hq, HKV=hkv, D=args.dim, TOPK=3, KP=4, BLOCK_M=tile_m, BLOCK_B=32, SPLIT=True,
+        consts = dict(HQ=hq, HKV=hkv, D=args.dim, TOPK=3, KP=4, BLOCK_M=tile_m, BLOCK_B=32,
                       Q_PARTS=2 if args.dtype == "fp16" else 1)
         regs, spills, shared = report(gate._gate_kernel, gate_types, consts, 4, 3)
         print(f"| gate (top_k 3) | BLOCK_B 32 w4 | {regs} | {spills} | {shared / 1024:.0f} | "

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout, own_tile
-from moba_train.ops.fused.means import block_means
+from moba_train.ops.fused.means import bf16_split, block_means
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def update_top(s, top_v, top_i, c0, col, slot, TOPK: tl.constexpr, BLOCK_B: tl.c
 @triton.jit
 def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, Q_PARTS: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, Q_PARTS: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -62,11 +62,13 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
     first = gb - b  # global index of the document's block 0
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-    if not SPLIT:
+    # Q_PARTS: 0 fp32 queries (the `ieee` dot over fp32 means), 1 bf16 queries, 2 fp16 queries as two bf16 parts
+    # that add up to them exactly (11 mantissa bits); 1 and 2 read the means' three bf16 parts
+    if Q_PARTS == 0:
         q = q.to(tl.float32)
-    elif Q_PARTS == 2:  # fp16 queries (11-bit mantissas) as two bf16 parts that add up to them exactly
-        q_hi = q.to(tl.float32).to(tl.bfloat16)
-        q_lo = (q.to(tl.float32) - q_hi.to(tl.float32)).to(tl.bfloat16)
+    elif Q_PARTS == 2:
+        q_hi, q_lo = bf16_split(q.to(tl.float32))
+        q_lo = q_lo.to(tl.bfloat16)
 
     slot = tl.arange(0, KP)
     col = tl.arange(0, BLOCK_B)
@@ -75,11 +77,11 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
         offs_b = c0 + col
         mask_b = offs_b < b
         ptrs = Means + ((first + offs_b)[:, None] * HKV + hk) * D + offs_d[None, :]
-        if SPLIT and Q_PARTS == 1:  # Means holds the parts hi, mid, lo part_stride apart; smallest first
+        if Q_PARTS == 1:  # Means holds the parts hi, mid, lo part_stride apart; smallest first
             s = tl.dot(q, tl.trans(tl.load(ptrs + 2 * part_stride, mask=mask_b[:, None], other=0.0)))
             s = tl.dot(q, tl.trans(tl.load(ptrs + part_stride, mask=mask_b[:, None], other=0.0)), s)
             s = tl.dot(q, tl.trans(tl.load(ptrs, mask=mask_b[:, None], other=0.0)), s)
-        elif SPLIT:  # both query parts times the three mean parts, smallest products first
+        elif Q_PARTS == 2:  # both query parts times the three mean parts, smallest products first
             lo = tl.load(ptrs + 2 * part_stride, mask=mask_b[:, None], other=0.0)
             mid = tl.load(ptrs + part_stride, mask=mask_b[:, None], other=0.0)
             s = tl.dot(q_lo, tl.trans(lo))
@@ -106,12 +108,12 @@ def select(q: Tensor, k: Tensor, layout: Layout, top_k: int, cfg: dict | None = 
     """q [T, Hq, D], k [T, Hkv, D] contiguous -> [T, Hq, top_k] int32 canonical selection."""
     tokens, hq, dim = q.shape
     out = torch.empty(tokens, hq, top_k, device=q.device, dtype=torch.int32)
-    split = q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda  # the interpreter's bf16 dot is inexact
-    means = block_means(k, layout, parts=split)
+    # bf16 parts on the GPU only: the interpreter's bf16 dot is inexact
+    q_parts = {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0) if q.is_cuda else 0
+    means = block_means(k, layout, parts=q_parts > 0)
     grid = (layout.q_tiles.shape[0], hq)
     _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
-                       means[0].numel() if split else 0, HQ=hq, HKV=k.shape[1], D=dim, TOPK=top_k,
-                       KP=triton.next_power_of_2(top_k), BLOCK_M=layout.tile_m, SPLIT=split,
-                       Q_PARTS=2 if split and q.dtype == torch.float16 else 1,
+                       means[0].numel() if q_parts else 0, HQ=hq, HKV=k.shape[1], D=dim, TOPK=top_k,
+                       KP=triton.next_power_of_2(top_k), BLOCK_M=layout.tile_m, Q_PARTS=q_parts,
                        **(cfg or {"BLOCK_B": 32, "num_warps": 4}))
     return out

@@ -10,6 +10,14 @@ from moba_train.ops.fused.layout import Layout
 
 
 @triton.jit
+def bf16_split(x):
+    """fp32 x -> (x rounded to bf16, the fp32 remainder x - that, exact): the step that cuts an fp32 value (3 parts)
+    or an fp16 one (2 parts) into bf16 parts whose sum is exactly the value."""
+    hi = x.to(tl.bfloat16)
+    return hi, x - hi.to(tl.float32)
+
+
+@triton.jit
 def _means_kernel(K, Out, BlkStart, BlkLen, part_stride, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                   PARTS: tl.constexpr):
     gb = tl.program_id(0)
@@ -24,13 +32,12 @@ def _means_kernel(K, Out, BlkStart, BlkLen, part_stride, HKV: tl.constexpr, D: t
         acc += tl.sum(tl.load(ptrs, mask=(offs_t < length)[:, None], other=0.0).to(tl.float32), 0)
     mean = acc / length.to(tl.float32)
     out = Out + (gb * HKV + hk) * D + offs_d
-    if PARTS:  # hi, mid, lo, part_stride apart; rest and the last part are exact (fp32 has 24 mantissa bits)
-        hi = mean.to(tl.bfloat16)
-        rest = mean - hi.to(tl.float32)
-        mid = rest.to(tl.bfloat16)
+    if PARTS:  # hi, mid, lo, part_stride apart; the last part is exact (fp32 has 24 mantissa bits)
+        hi, rest = bf16_split(mean)
+        mid, rest = bf16_split(rest)
         tl.store(out, hi)
         tl.store(out + part_stride, mid)
-        tl.store(out + 2 * part_stride, (rest - mid.to(tl.float32)).to(tl.bfloat16))
+        tl.store(out + 2 * part_stride, rest.to(tl.bfloat16))
     else:
         tl.store(out, mean)
 
