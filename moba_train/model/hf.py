@@ -22,12 +22,11 @@ from torch import Tensor
 from moba_train.errors import CheckpointError, UserError
 from moba_train.model.config import SHAPE_FIELDS, AttentionConfig, ModelConfig
 from moba_train.model.llama import Llama
-from moba_train.model.rope import inv_frequencies
+from moba_train.model.rope import ROPE_SCALING_KEYS, inv_frequencies
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ROPE_TYPES = ("llama3", "linear")
 HF_PREFIX = "model."
 # Tensors some HF checkpoints carry that are derived, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -51,14 +50,12 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, Optional[dict[
     kind = scaling.pop("rope_type", scaling.pop("type", "default"))
     if kind == "default":
         return float(theta), None
-    if kind not in ROPE_TYPES:
-        raise CheckpointError(f"{where}: rope_type {kind!r} is not supported (supported: {ROPE_TYPES})")
-    keys = ("factor",) if kind == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
+    if kind not in ROPE_SCALING_KEYS:
+        raise CheckpointError(f"{where}: rope_type {kind!r} is not supported (supported: {tuple(ROPE_SCALING_KEYS)})")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
     if missing:
         raise CheckpointError(f"{where}: rope scaling {kind!r} lacks {missing}")
-    return float(theta), {"rope_type": kind, **{k: scaling[k] for k in keys}}
+    return float(theta), {"rope_type": kind, **{k: scaling[k] for k in ROPE_SCALING_KEYS[kind]}}
 
 
 def config_from_hf(hf: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig:

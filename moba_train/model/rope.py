@@ -7,8 +7,8 @@ from torch import Tensor
 
 
 # the keys each kind of `model.rope_scaling` needs (transformers' names)
-ROPE_SCALING_KEYS = {"linear": ("factor",),
-                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                     "linear": ("factor",)}
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
