@@ -59,7 +59,9 @@ def main():
     prec = "ieee" if elem == 4 else "tf32"
     cfg = tiles(args.block_size, args.dim, elem)
     types = {n: f"*{args.dtype}" for n in ("Q", "K", "V", "DO", "DK", "DV", "Out", "DQ")}
-    types.update({n: "*fp32" for n in ("Lse", "Delta", "Acc", "M", "L", "Means", "DQacc")})
+    types.update({n: "*fp32" for n in ("Lse", "Delta", "M", "L", "Means", "Scale", "DQscale")})
+    scaled = elem == 2  # 16-bit inputs keep the per-row sums in fp16 with a row scale (ops/fused/state.py)
+    types.update({n: "*fp16" if scaled else "*fp32" for n in ("Acc", "DQsum")})
     types.update({n: "*i32" for n in ("Rows", "SegStart", "Chunks", "BlkStart", "BlkLen", "Tiles", "QTiles",
                                       "BlkLocal")})
     types.update(scale="fp32", scale_log2="fp32", NB="i32", N_SLOTS="i32", tile0="i32")
@@ -71,13 +73,15 @@ def main():
 
     tile_m = 128
     cases = [
-        ("forward past", fwd._past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False},
-         cfg["past"]),
-        ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["own"]),
+        ("forward past", fwd._past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False,
+                                            "SCALED": scaled}, cfg["past"]),
+        ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
+         cfg["own"]),
         ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
-        ("dQ past", bwd_q.dq_past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False},
-         cfg["dq_past"]),
-        ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True}, cfg["dq_own"]),
+        ("dQ past", bwd_q.dq_past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False,
+                                           "SCALED": scaled}, cfg["dq_past"]),
+        ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
+         cfg["dq_own"]),
     ]
     print(f"sm_90a, triton {triton.__version__}, {args.dtype}, D={args.dim}, block {args.block_size}, "
           f"Hq={hq} Hkv={hkv}")

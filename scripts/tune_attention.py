@@ -94,16 +94,15 @@ def tune(name):
         t = ms(run)
         base = base or (dk, dv)
         print(name, "bwd kv", cfg, f"{t:.2f} ms", f"diff {diff((dk, dv), base):.1e}", flush=True)
-    dq_acc = torch.zeros(tokens, HQ, DIM, device="cuda", dtype=torch.float32)
     dq = torch.empty_like(q)
     for cfg in DQ:
         kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
-        t1 = ms(lambda: bwd_q.dq_past_kernel[(routes.tiles.shape[0],)](
-            q, kd, vd, do, lse, delta, dq_acc, routes.rows, routes.tiles, 0, layout.blk_start, layout.blk_len,
-            scale * LOG2E, layout.n_blocks, D=DIM, FIRST=False, PREC="tf32", BLOCK_M=128, **cfg))
+        t1, (dq_sum, dq_scale) = cuda_ms(lambda: bwd.dq_past(do, q, k, v, lse, delta, layout, routes, scale, "tf32",
+                                                            cfg, torch.float16))
         t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
-            q, kd, vd, do, lse, delta, dq_acc, dq, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
-            scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
+            q, kd, vd, do, lse, delta, dq_sum, dq_scale, dq, layout.q_tiles, layout.blk_start, layout.blk_len,
+            layout.blk_local, scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, SCALED=True, PREC="tf32",
+            BLOCK_M=layout.tile_m, **cfg))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
     t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))
     print(name, "bwd total (defaults)", f"{t:.2f} ms")

@@ -76,6 +76,38 @@ def zero_rows_case():
             for name, a, b in zip(("out", "dq", "dk", "dv"), got["triton"], got["naive"])}
 
 
+def fp16_state() -> dict:
+    """The per-row sums between slot launches in fp16 with a row scale (the default for bf16/fp16 inputs: the
+    forward's running acc and dQ's past part) on fp32 inputs, so the reference is tight: per scale of V (1e6
+    would overflow fp16 without the row scale; a zero KV head gives all-zero rows), the error of out and dq
+    relative to their largest entry, with fp32 sums' for comparison."""
+    from moba_train.ops import moba_attn
+    from moba_train.ops.fused.autograd import selection
+    from moba_train.ops.fused.bwd import backward
+    from moba_train.ops.fused.fwd import forward
+    from moba_train.ops.fused.routing import build_routes
+
+    gen = torch.Generator().manual_seed(5)
+    lengths, hq, hkv, dim, block_size, top_k = (96, 70), 4, 2, 16, 16, 5
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    q, k, v, do = (torch.randn(sum(lengths), h, dim, generator=gen) for h in (hq, hkv, hkv, hq))
+    v[:, 1] = 0.0
+    layout, idx = selection(q, k, cu, block_size, top_k)
+    routes = build_routes(idx, layout, hkv, 16)
+    result = {}
+    for v_scale in (1.0, 1e6):
+        leaves = [x.double().requires_grad_() for x in (q, k, v * v_scale)]
+        ref = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend="naive")
+        ref_dq, = torch.autograd.grad(ref, leaves[0], do.double())
+        for state in (torch.float32, torch.float16):
+            out, lse = forward(q, k, v * v_scale, layout, routes, dim ** -0.5, True, acc_dtype=state)
+            dq = backward(do, q, k, v * v_scale, out, lse, layout, routes, dim ** -0.5, True, sum_dtype=state)[0]
+            for name, got, want in (("out", out, ref.detach()), ("dq", dq, ref_dq)):
+                err = (got.double() - want).abs().max() / want.abs().max()
+                result[f"{name} {v_scale:g} {str(state)[6:]}"] = float(err)
+    return result
+
+
 def double_backward_refused() -> str:
     """The backward is not differentiable again: asking for it must raise, naming once_differentiable (a silent
     zero, or an unrelated error about tensors without grad, would be the defect)."""
@@ -192,6 +224,17 @@ def test_bf16_parts_of_the_means_add_up_exactly(interpreted):
     assert interpreted["means_parts"] == {"exact": True, "third_needed": True}
 
 
+def test_fp16_row_sums_round_at_fp16_precision(interpreted):
+    """Four past slots, each rounding the sum to fp16 under a power-of-two row scale: at most ~4 x 2^-12 of the
+    largest entry, at V x 1 and V x 1e6 alike (finite, so the scale did its job), while fp32 sums stay at fp32
+    precision (the fp16 ones must be measurably rounding: they are what the kernels used)."""
+    res = interpreted["fp16_state"]
+    for name in ("out", "dq"):
+        for v_scale in ("1", "1e+06"):
+            assert res[f"{name} {v_scale} float32"] < FP32_TOL, res
+            assert FP32_TOL < res[f"{name} {v_scale} float16"] < 4 * 2.0 ** -12, res
+
+
 def test_varlen_needs_cuda():
     from moba_train.ops import moba_attn
 
@@ -212,5 +255,5 @@ def means_parts() -> dict:
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
-                      "tied_then_better": tied_then_better(), "means_parts": means_parts(),
+                      "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(),
                       "zero_rows": zero_rows_case(), "double_backward_refused": double_backward_refused()}))

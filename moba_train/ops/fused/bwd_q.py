@@ -1,15 +1,17 @@
 """dQ, query-major over the forward's tiles: each tile of rows recomputes its scores against one block.
 
-Past pass: the tiles of rows routed to (block, KV head), gathered by index; the tile's dQ for that block is
-accumulated in registers over the block's keys and added once per row and selected block: slot 0 stores
-(no zero fill), later slots add with fp32 atomics. Own-block pass: contiguous causal tiles; it adds the past
-part, scales and writes dQ in q's dtype.
+Past pass: one launch per slot, like the forward's; the tiles of rows routed to (block, KV head), gathered by
+index, start from the rows' past sum (`state.py`: fp16 with a row scale for bf16/fp16 inputs), accumulate the
+block's part in registers over its keys and write the sum back: no atomics, so dQ is deterministic. Slot 0
+starts from zero (no zero fill). Own-block pass: contiguous causal tiles; it adds the past sum, scales and
+writes dQ in q's dtype.
 """
 
 import triton
 import triton.language as tl
 
 from moba_train.ops.fused.layout import own_tile, past_tile
+from moba_train.ops.fused.state import load_rows_sum, store_rows_sum
 
 
 @triton.jit
@@ -37,13 +39,16 @@ def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["tile0", "NB"])
-def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
-                   D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+                   D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if FIRST:
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+    else:  # every row here met an earlier slot; loaded up front, where the load overlaps the key chunks'
+        dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, False, PREC)
@@ -51,17 +56,13 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, Rows, Tiles, tile0, BlkStar
         offs = full + tl.arange(0, BLOCK_N)
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + full, (offs < k_len)[None, :], hk, D, scale_log2,
                        True, PREC)
-    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    if FIRST:  # slot 0: a row meets it once, and every row with a past block has one
-        tl.store(DQacc + ptrs, dq, mask=mask_m[:, None])
-    else:
-        tl.atomic_add(DQacc + ptrs, dq, mask=mask_m[:, None], sem="relaxed")
+    store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED)
 
 
 @triton.jit
-def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen, BlkLocal, scale, HQ: tl.constexpr,
-                  HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, DQ, QTiles, BlkStart, BlkLen, BlkLocal, scale,
+                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, SCALED: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -76,9 +77,9 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQacc, DQ, QTiles, BlkStart, BlkLen
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, n0, offs_n[None, :] <= offs_m[:, None], hk, D, scale_log2,
                        True, PREC)
-    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    if HAS_PAST:  # rows of a document's first block have no past part (DQacc never written there)
+    if HAS_PAST:  # rows of a document's first block have no past part (DQsum never written there)
         # compared as a vector: a scalar condition broadcast into the mask fails in the interpreter
         live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))
-        dq += tl.load(DQacc + ptrs, mask=live[:, None], other=0.0)
+        dq += load_rows_sum(DQsum, DQscale, rows, live, D, SCALED)
+    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])

@@ -2,9 +2,11 @@
 
 Past pass: one launch per slot; a program takes a tile of rows routed to one (block, KV head), gathers their
 queries by index, streams the block's keys once for the whole tile, and continues each row's running softmax
-state (fp32 acc, max, sum) from the previous slot. Within a launch a row appears once, so the update needs no
+state (acc, max, sum) from the previous slot. Within a launch a row appears once, so the update needs no
 atomics. Own-block pass: contiguous query tiles per query head, causal inside the block, starting from the
-rows' running state; it normalises and writes out and the LSE (natural log) the backward needs.
+rows' running state; it normalises and writes out and the LSE (natural log) the backward needs. Between
+launches acc lives in memory as `state.py` keeps it (fp16 with a row scale for bf16/fp16 inputs); max and sum
+stay fp32.
 """
 
 import torch
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout, own_tile, past_tile
 from moba_train.ops.fused.routing import Routes
+from moba_train.ops.fused.state import load_rows_sum, row_sums, state_dtype, store_rows_sum
 from moba_train.ops.fused.tiles import kv_desc, tiles
 
 LOG2E = 1.4426950408889634
@@ -38,15 +41,14 @@ def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr,
 
 # tile0 and NB change with the batch's packing: unspecialised, a later step never compiles another variant
 @triton.jit(do_not_specialize=["tile0", "NB"])
-def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
-                 D: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _past_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+                 D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
 
-    acc_ptr = Acc + rows[:, None] * D + offs_d[None, :]
     if FIRST:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -55,7 +57,7 @@ def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, sca
         # loads overlap the key chunks' instead of waiting behind the products
         m_i = tl.load(M + rows, mask=mask_m, other=0.0)
         l_i = tl.load(L + rows, mask=mask_m, other=0.0)
-        acc = tl.load(acc_ptr, mask=mask_m[:, None], other=0.0)
+        acc = load_rows_sum(Acc, Scale, rows, mask_m, D, SCALED)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):  # whole chunks: no mask
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
@@ -63,15 +65,15 @@ def _past_kernel(Q, Kd, Vd, Acc, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, sca
         offs_n = full + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + full, (offs_n < k_len)[None, :], hk, m_i, l_i, acc, scale_log2,
                               D, True, PREC)
-    tl.store(acc_ptr, acc, mask=mask_m[:, None])
+    store_rows_sum(Acc, Scale, rows, mask_m, acc, D, SCALED)
     tl.store(M + rows, m_i, mask=mask_m)
     tl.store(L + rows, l_i, mask=mask_m)
 
 
 @triton.jit
-def _own_kernel(Q, Kd, Vd, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_log2,
-                HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _own_kernel(Q, Kd, Vd, Acc, Scale, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_log2,
+                HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, SCALED: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -83,7 +85,7 @@ def _own_kernel(Q, Kd, Vd, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_
         m_i = tl.load(M + rows, mask=mask_m, other=float("-inf"))
         has = m_i > float("-inf")
         l_i = tl.load(L + rows, mask=mask_m & has, other=0.0)
-        acc = tl.load(Acc + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & has[:, None], other=0.0)
+        acc = load_rows_sum(Acc, Scale, rows, mask_m & has, D, SCALED)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,8 +104,9 @@ def _own_kernel(Q, Kd, Vd, Acc, M, L, Out, Lse, QTiles, BlkStart, BlkLen, scale_
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, scale: float,
-            interpret: bool, cfg: dict | None = None) -> tuple[Tensor, Tensor]:
-    """-> out [T, Hq, D] (q's dtype), lse [T, Hq] fp32 (natural log)."""
+            interpret: bool, cfg: dict | None = None, acc_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """-> out [T, Hq, D] (q's dtype), lse [T, Hq] fp32 (natural log). acc_dtype: the running acc between slots
+    (default: `state.state_dtype` of q's)."""
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -111,21 +114,24 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
     out = torch.empty_like(q)
     lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     has_past = routes.n_slots > 0
+    acc_dtype = acc_dtype or state_dtype(q.dtype)
+    scaled = acc_dtype != torch.float32
     if has_past:
-        acc = torch.empty(tokens, hq, dim, device=q.device, dtype=torch.float32)
+        acc, acc_scale = row_sums(tokens, hq, dim, acc_dtype, q.device)
         m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)
         l_sum = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
         past_k, past_v = kv_desc(k, cfg["past"]["BLOCK_N"]), kv_desc(v, cfg["past"]["BLOCK_N"])
         for slot in range(routes.n_slots):
             tile0, n_tiles = routes.slot(slot)
-            _past_kernel[(n_tiles,)](q, past_k, past_v, acc, m, l_sum, routes.rows, routes.tiles, tile0,
+            _past_kernel[(n_tiles,)](q, past_k, past_v, acc, acc_scale, m, l_sum, routes.rows, routes.tiles, tile0,
                                      layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
-                                     FIRST=slot == 0, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
+                                     FIRST=slot == 0, SCALED=scaled, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
     else:
-        acc = m = l_sum = lse  # unread placeholders
+        acc = acc_scale = m = l_sum = lse  # unread placeholders
     own_cfg = {**cfg["own"], "BLOCK_N": min(cfg["own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
-    _own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, acc, m, l_sum, out, lse, layout.q_tiles,
+    _own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, acc, acc_scale, m, l_sum, out, lse, layout.q_tiles,
                                                layout.blk_start, layout.blk_len, scale * LOG2E, HQ=hq, HKV=hkv, D=dim,
-                                               HAS_PAST=has_past, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
+                                               HAS_PAST=has_past, SCALED=scaled and has_past, PREC=prec,
+                                               BLOCK_M=layout.tile_m, **own_cfg)
     return out, lse

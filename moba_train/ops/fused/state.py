@@ -1,0 +1,45 @@
+"""Per-row fp32 sums that outlive a launch: the forward's running acc and dQ's past part, one slot at a time.
+
+A row meets each slot's launch at most once, so a launch reads a row's sum, adds its block and writes it back
+with no atomics, and the result is bitwise deterministic. For bf16 and fp16 inputs the sum is kept as fp16
+times a per-row power-of-two scale (|sum / scale| <= 1, so any range fits): half the bytes of fp32, which is
+most of a fine-block slot's time, at a rounding of at most 2^-12 of the row's largest entry per slot, an eighth
+of the bf16 result's own. fp32 inputs keep fp32 sums.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+def row_sums(tokens: int, heads: int, dim: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """(sums [T, H, D] of `dtype`, their row scales [T, H] fp32; the sums themselves stand in when unscaled)."""
+    sums = torch.empty(tokens, heads, dim, device=device, dtype=dtype)
+    scaled = dtype != torch.float32
+    return sums, torch.empty(tokens, heads, device=device, dtype=torch.float32) if scaled else sums
+
+
+@triton.jit
+def load_rows_sum(Sums, Scale, rows, mask, D: tl.constexpr, SCALED: tl.constexpr):
+    """fp32 [rows, D]; masked rows read 0."""
+    offs_d = tl.arange(0, D)
+    acc = tl.load(Sums + rows[:, None] * D + offs_d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    if SCALED:
+        acc = acc * tl.load(Scale + rows, mask=mask, other=1.0)[:, None]
+    return acc
+
+
+@triton.jit
+def store_rows_sum(Sums, Scale, rows, mask, acc, D: tl.constexpr, SCALED: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    if SCALED:  # a power of two >= the row's largest |entry| (floored at the smallest normal: zero rows)
+        big = tl.maximum(tl.max(tl.abs(acc), 1), 1.1754943508222875e-38)
+        scale = tl.math.exp2(tl.math.ceil(tl.math.log2(big)))
+        tl.store(Scale + rows, scale, mask=mask)
+        acc = acc * (1.0 / scale)[:, None]
+    tl.store(Sums + rows[:, None] * D + offs_d[None, :], acc.to(Sums.dtype.element_ty), mask=mask[:, None])
