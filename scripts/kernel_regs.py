@@ -72,14 +72,13 @@ def main():
                 "Vd": f"tensordesc<{args.dtype}[{launch['BLOCK_N']}, {args.dim}]>"}
 
     tile_m = 128
+    past = {"D": args.dim, "PREC": prec, "BLOCK_M": cfg["past_rows"], "FIRST": False, "SCALED": scaled}
     cases = [
-        ("forward past", fwd._past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False,
-                                            "SCALED": scaled}, cfg["past"]),
+        ("forward past", fwd._past_kernel, past, cfg["past"]),
         ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["own"]),
         ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
-        ("dQ past", bwd_q.dq_past_kernel, {"D": args.dim, "PREC": prec, "BLOCK_M": 128, "FIRST": False,
-                                           "SCALED": scaled}, cfg["dq_past"]),
+        ("dQ past", bwd_q.dq_past_kernel, past, cfg["dq_past"]),
         ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["dq_own"]),
     ]

@@ -64,9 +64,9 @@ def tune(name):
         same = torch.equal(gate.select(q, k, layout, top_k, cfg), idx)
         print(name, "gate", cfg, f"{ms(lambda: gate.select(q, k, layout, top_k, cfg)):.2f} ms", "same" if same
               else "DIFFERENT", flush=True)
-    routes = build_routes(idx, layout, HKV, 128)
-    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, 128)):.2f} ms", flush=True)
     default = tiles(block_size, DIM, 2)
+    routes = build_routes(idx, layout, HKV, default["past_rows"])
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, default['past_rows'])):.2f} ms", flush=True)
     ref = fwd.forward(q, k, v, layout, routes, scale, False)
     no_past = routes.own_only()
     for cfg in OWN:
@@ -115,7 +115,8 @@ def routing_only(name):
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
     layout, idx = selection(q, k, cu, block_size, top_k)
     del q, k
-    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, 128), reps=3):.1f} ms", flush=True)
+    rows = tiles(block_size, DIM, 2)["past_rows"]
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, rows), reps=3):.1f} ms", flush=True)
 
 
 def main():

@@ -10,6 +10,7 @@ from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
 from moba_train.ops.fused.routing import build_routes
+from moba_train.ops.fused.tiles import tiles
 
 
 # Triton decides at decoration time whether kernels are interpreted; record the same decision once
@@ -46,7 +47,8 @@ class MobaAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, block_size, top_k, scale):
         q, k, v = (aligned(x.contiguous()) for x in (q, k, v))
         layout, idx = selection(q, k, cu_seqlens, block_size, top_k)
-        routes = build_routes(idx, layout, k.shape[1], 16 if interpreting() else 128)
+        rows = tiles(block_size, q.shape[-1], q.element_size(), interpreting())["past_rows"]
+        routes = build_routes(idx, layout, k.shape[1], rows)
         out, lse = forward(q, k, v, layout, routes, scale, interpreting())
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.routes, ctx.scale = layout, routes, scale

@@ -56,8 +56,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, lse, delta, dq_sum, dq_scale, dq,
                                                  layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                                                  scale, HQ=hq, HKV=hkv, D=dim, HAS_PAST=has_past,
-                                                 SCALED=has_past and sum_dtype != torch.float32, PREC=prec, BLOCK_M=layout.tile_m,
-                                                 **own_cfg)
+                                                 SCALED=has_past and sum_dtype != torch.float32, PREC=prec,
+                                                 BLOCK_M=layout.tile_m, **own_cfg)
     return dq, dk, dv
 
 
