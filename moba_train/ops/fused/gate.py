@@ -54,10 +54,7 @@ def update_top(s, top_v, top_i, c0, col, slot, TOPK: tl.constexpr, BLOCK_B: tl.c
 def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, Q_PARTS: tl.constexpr):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    hk = h // (HQ // HKV)
-    t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ, BLOCK_M)
+    hk, t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, HQ, HKV, BLOCK_M)
     b = tl.load(BlkLocal + gb)
     first = gb - b  # global index of the document's block 0
     offs_d = tl.arange(0, D)

@@ -80,15 +80,18 @@ def _layout(offsets: tuple, block_size: int, tile_m: int, device: torch.device) 
 
 
 @triton.jit
-def own_tile(QTiles, BlkStart, BlkLen, tile, h, HQ: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Kernel side of `q_tiles`: (first token, global block, block start, block end, tokens, mask, row ids)."""
+def own_tile(QTiles, BlkStart, BlkLen, HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Kernel side of `q_tiles` for the program (query tile, query head): (KV head, first token, global block,
+    block start, block end, tokens, mask, row ids)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
     t0 = tl.load(QTiles + 2 * tile)
     gb = tl.load(QTiles + 2 * tile + 1)
     k_start = tl.load(BlkStart + gb)
     t_end = k_start + tl.load(BlkLen + gb)
     offs_m = t0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < t_end
-    return t0, gb, k_start, t_end, offs_m, mask_m, offs_m.to(tl.int64) * HQ + h
+    return h // (HQ // HKV), t0, gb, k_start, t_end, offs_m, mask_m, offs_m.to(tl.int64) * HQ + h
 
 
 @triton.jit
