@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from moba_train.data.config import DataConfig
+from moba_train.data.tokenizer import BYTE_VOCAB
 from moba_train.errors import ConfigError
 from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, ModelConfig
 from moba_train.model.rope import ROPE_SCALING_KEYS
@@ -21,6 +22,7 @@ from moba_train.train.seq_stages import SeqLenSchedule
 
 DATA_KINDS = ("synthetic", "megatron", "sft")
 DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -69,6 +71,11 @@ def validate(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
     _require(m.head_size % 2 == 0, f"head dim {m.head_size} must be even for RoPE (model.head_dim)")
+    for key in ("rope_theta", "norm_eps"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be > 0")
+    _require(m.init_std >= 0, f"model.init_std={m.init_std} must be >= 0")
+    _require(m.max_seq_len >= 1, f"model.max_seq_len={m.max_seq_len} must be >= 1 (the context the model "
+             "declares: max_position_embeddings on export)")
     if m.rope_scaling:
         _require(isinstance(m.rope_scaling, dict), f"model.rope_scaling={m.rope_scaling!r} must be a mapping "
                  "such as {rope_type: linear, factor: 4.0}")
@@ -80,6 +87,8 @@ def validate(cfg: Config) -> None:
     _one_of("attention.kind", a.kind, ATTENTION_KINDS)
     _one_of("attention.backend", a.backend, ("auto",) + BACKENDS)
     _require(a.top_k >= 1, f"attention.top_k={a.top_k} must be >= 1")
+    _require(a.softmax_scale is None or a.softmax_scale > 0,
+             f"attention.softmax_scale={a.softmax_scale} must be > 0 (or null: head_dim ** -0.5)")
     _require(a.block_size >= 16 and a.block_size % 16 == 0,
              f"attention.block_size={a.block_size} must be a positive multiple of 16")
     _require(0 <= a.full_attn_last_k <= m.n_layers,
@@ -95,6 +104,10 @@ def validate(cfg: Config) -> None:
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.name == "synthetic":
+        _require(m.vocab_size >= BYTE_VOCAB, f"model.vocab_size={m.vocab_size} is smaller than the synthetic "
+                 f"task's byte vocabulary ({BYTE_VOCAB} tokens)")
+        for key in ("num_needles", "needle_values"):
+            _require(getattr(d, key) >= 1, f"data.{key}={getattr(d, key)} must be >= 1")
         _require(d.num_needles <= 31 and d.num_needles * d.needle_values <= 128,
                  f"data.num_needles={d.num_needles} x data.needle_values={d.needle_values} must fit the byte "
                  f"vocabulary (<= 31 groups, <= 128 symbols)")
@@ -111,6 +124,9 @@ def validate(cfg: Config) -> None:
         _require(re.fullmatch(r"\s*[0-9.]+\s*(,\s*[0-9.]+\s*){0,2}", d.megatron.split) is not None,
                  f"data.megatron.split={d.megatron.split!r} must be 1 to 3 comma-separated weights (train,valid,test), "
                  "e.g. '99,1,0'")
+    w = cfg.logger.wandb
+    if w.enabled:
+        _one_of("logger.wandb.mode", w.mode, WANDB_MODES)
     c = cfg.checkpoint
     _require(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save only at the end)")
     _require(c.keep >= 0, f"checkpoint.keep={c.keep} must be >= 0 (0: keep all)")

@@ -11,3 +11,7 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """An invalid config value; the message names the key and the allowed values."""
+
+
+class TrainingError(UserError):
+    """A run that cannot go on for a reason the user can act on (e.g. a diverged loss)."""

@@ -47,10 +47,20 @@ def test_recipes_compose():
     ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
     ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0 must be in [0, 1]"),
     ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
+    # accepted until the ninth session, each ending in a NaN loss, a torch traceback or a wrong HF export
+    ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+    ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"),
+    ("model.init_std=-1", "model.init_std=-1.0 must be >= 0"),
+    ("model.max_seq_len=-5", "model.max_seq_len=-5 must be >= 1"),
+    ("attention.softmax_scale=-1", "attention.softmax_scale=-1.0 must be > 0"),
+    ("model.vocab_size=100", "model.vocab_size=100 is smaller than the synthetic task's byte vocabulary"),
+    ("data.num_needles=0", "data.num_needles=0 must be >= 1"),
+    ("data.needle_values=0", "data.needle_values=0 must be >= 1"),
+    (("logger.wandb.enabled=true", "logger.wandb.mode=foo"), "logger.wandb.mode='foo' is not one of"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=re.escape(match)):
-        load("+exp=tiny", override)
+        load("+exp=tiny", *(override if isinstance(override, tuple) else (override,)))
 
 
 def test_rope_scaling_from_the_command_line():
@@ -78,3 +88,12 @@ def test_unknown_key_is_rejected():
 
     with pytest.raises(ConfigCompositionException):
         load("+exp=tiny", "attention.topk=3")
+
+
+def test_gpu_backends_on_a_cpu_run_fail_before_the_model_is_built():
+    from moba_train.train.trainer import pick_device
+
+    for backend in ("varlen", "triton"):
+        with pytest.raises(ConfigError, match=f"attention.backend={backend} needs a CUDA GPU"):
+            pick_device("cpu", backend)
+    assert pick_device("cpu", "naive").type == "cpu" and pick_device("cpu", "auto").type == "cpu"

@@ -3,6 +3,8 @@
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -164,6 +166,26 @@ def test_inputs_the_kernels_would_mishandle_raise_clear_errors():
             full_attn(q, k, v, bad, max_len)
     with pytest.raises(ValueError, match="dtype"):
         moba_attn(q, k, v.float(), cu, max_len, 16, 2, "naive")
+
+
+@pytest.mark.parametrize("backend", ["naive", "auto"])
+def test_meaningless_arguments_raise_clear_errors(backend):
+    """Inputs that ran (integer tensors gave integer 'attention', a negative scale NaNs through the full-attention
+    path) or died inside torch (zero heads, a float block size, offsets as a list) name the bad argument."""
+    q, k, v, cu, max_len = packed([32], 4, 2, 8, requires_grad=False)
+    cases = [
+        ((q.long(), k.long(), v.long(), cu, max_len, 16, 2), {}, "floating point"),
+        ((q, k, v, cu, max_len, 16, 2), {"softmax_scale": -1.0}, "softmax_scale=-1.0 must be > 0"),
+        ((q[:, :0], k[:, :0], v[:, :0], cu, max_len, 16, 2), {}, "heads and head_dim must be >= 1"),
+        ((q, k, v, cu, max_len, 2.5, 2), {}, "block_size=2.5 must be an integer"),
+        ((q, k, v, cu, max_len, 16, True), {}, "top_k=True must be an integer"),
+        ((q, k, v, [0, 32], max_len, 16, 2), {}, "must be tensors"),
+    ]
+    for args, kwargs, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            moba_attn(*args, backend=backend, **kwargs)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        full_attn(q, k, v, cu, max_len, -1.0)
 
 
 def test_empty_documents_and_empty_batches():

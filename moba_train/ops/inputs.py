@@ -1,25 +1,35 @@
 """Input checks shared by the attention ops: a ValueError naming the problem instead of a kernel's traceback."""
 
+import numbers
+
 import torch
 from torch import Tensor
 
 from moba_train.ops.offsets import host_offsets
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size: int = 1, top_k: int = 1) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size: int = 1, top_k: int = 1,
+                 softmax_scale: float | None = None) -> None:
     """A ValueError naming the problem for anything the kernels would mishandle (shapes, dtypes, offsets)."""
+    if not all(isinstance(x, Tensor) for x in (q, k, v, cu_seqlens)):
+        raise ValueError("q, k, v and cu_seqlens must be tensors")
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
+    if min(q.shape[1], k.shape[1], q.shape[2]) < 1:
+        raise ValueError(f"heads and head_dim must be >= 1; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
     if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
         raise ValueError(f"q, k, v must share dtype and device; got {q.dtype}/{k.dtype}/{v.dtype} on "
                          f"{q.device}/{k.device}/{v.device}")
-    if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be >= 1")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    for name, value in (("top_k", top_k), ("block_size", block_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (or None: head_dim ** -0.5)")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     offsets = host_offsets(cu_seqlens)

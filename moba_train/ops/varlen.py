@@ -15,7 +15,7 @@ from torch import Tensor
 
 from moba_train.ops.flash import CHUNK_ROWS, SEG_ROWS, flash_bwd, flash_fwd
 from moba_train.ops.gate import moba_select
-from moba_train.ops.offsets import TensorMemo, host_offsets
+from moba_train.ops.offsets import TensorMemo, host_offsets, longest_doc
 
 _blocks = TensorMemo()
 
@@ -93,7 +93,7 @@ class VarlenMoba(torch.autograd.Function):
         tokens, hq, dim = q.shape
         hkv = k.shape[1]
         blk_start, rows, cu_q, cu_k, chunks = _plan(q, k, cu_seqlens, max_seqlen, block_size, top_k)
-        bmax = min(block_size, max_seqlen)
+        bmax = min(block_size, longest_doc(cu_seqlens))  # from the memoised offsets, not the caller's max_seqlen
         out_self, lse_self, st_self = flash_fwd(q, k, v, blk_start, blk_start, bmax, bmax, True, scale)
         lse = lse_self.t()  # [T, Hq]
         out, ctx.past_state = out_self, None

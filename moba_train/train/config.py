@@ -36,7 +36,7 @@ class WandbConfig:
     enabled: bool = False
     project: str = "moba-train"
     name: Optional[str] = None
-    mode: str = "offline"  # offline | online
+    mode: str = "offline"  # offline | online | disabled
 
 
 @dataclass

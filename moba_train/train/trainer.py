@@ -4,6 +4,7 @@ Loss is the mean over every real (unmasked) token of the global batch (all micro
 ranks): each micro-batch contributes sum(token losses) / global token count.
 """
 
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -14,7 +15,7 @@ import torch.distributed as dist
 
 from moba_train.config import Config
 from moba_train.data import Loader, build_dataset
-from moba_train.errors import ConfigError
+from moba_train.errors import ConfigError, TrainingError
 from moba_train.model.llama import IGNORE_INDEX
 from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
@@ -25,11 +26,14 @@ from moba_train.train.signals import StopFlag
 from moba_train.train.stages import TrainingStages
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, backend: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda" and backend in ("varlen", "triton"):  # found before the model is built, not at its first call
+        raise ConfigError(f"attention.backend={backend} needs a CUDA GPU and this run is on {name}; use "
+                          "attention.backend=auto or naive")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
@@ -38,7 +42,7 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
+        self.device = pick_device(cfg.train.device, cfg.attention.backend)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
@@ -107,17 +111,25 @@ class Trainer:
                 self.step += 1
                 tokens += out["tokens"]
                 logger.advance()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                stopping = stop.agreed()
+                due = self.checkpointer.due(self.step, final=stopping or self.step == cfg.steps)
+                log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if due or log_now:
                     # read the values first: that waits for the GPU, which the host otherwise runs ahead of, so
                     # the interval times the steps' work rather than their queueing
                     loss, grad_norm = out["loss"].item(), float(out["grad_norm"])
+                    if not math.isfinite(loss):  # all ranks hold the same reduced loss, so all stop here
+                        self.checkpointer.wait()  # an earlier step's save in flight completes
+                        raise TrainingError(f"loss is {loss} at step {self.step}: training diverged; this step is "
+                                            "not saved, earlier checkpoints are kept (lower train.lr, raise "
+                                            "train.warmup_steps or check the data)")
+                if log_now:
                     elapsed = time.perf_counter() - tick
                     logger.log(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                            "tokens_per_s": tokens / elapsed})
                     tick, tokens = time.perf_counter(), 0
-                stopping = stop.agreed()
                 self.checkpointer.poll()
-                if self.checkpointer.due(self.step, final=stopping or self.step == cfg.steps):
+                if due:
                     self.checkpointer.save(self, self.run_info)
                 if stopping:
                     break
