@@ -18,6 +18,8 @@ import dataclasses
 import os
 import sys
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moba_train.errors import UserError  # noqa: E402
@@ -35,6 +37,8 @@ def hf_to_ours(args: argparse.Namespace) -> None:
 
 
 def ours_to_hf(args: argparse.Namespace) -> None:
+    if args.max_shard_gb <= 0:
+        raise UserError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
     model = load_ours(args.src, args.dtype, args.config)
     extra = {**pretrained.special_token_ids(args.src), **moba_settings(args.src, args.config, model.cfg.n_layers)}
     hf.to_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), extra=extra)
@@ -87,7 +91,13 @@ def read_run_config(config_path: str) -> dict:
 
     if not os.path.isfile(config_path):
         raise UserError(f"{config_path}: no such config file (--config)")
-    return OmegaConf.to_container(OmegaConf.load(config_path))
+    try:
+        run = OmegaConf.to_container(OmegaConf.load(config_path))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # yaml explains on several lines, with the position
+        raise UserError(f"{config_path}: not valid YAML or JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(run, dict):
+        raise UserError(f"{config_path}: expected a mapping with a model: section, got a {type(run).__name__}")
+    return run
 
 
 def model_config_from_run(config_path: str):
@@ -112,6 +122,9 @@ def load_ours(path: str, dtype, config_path):
             cfg = model_config_from_run(config_path or find_run_config(path))
         cfg.init_from = None
         return load_dcp_model(path, cfg, AttentionConfig(kind="full"), "cpu")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
+        raise UserError(f"{path}: no {hf.CONFIG_FILE}; ours-to-hf takes a consolidated moba-train dir (config.json + "
+                        "model.safetensors) or a trainer DCP checkpoint dir (<run>/checkpoints/step_N)")
     if pretrained.checkpoint_kind(path) != "ours":
         raise UserError(f"{os.path.join(path, hf.CONFIG_FILE)}: this is a HF checkpoint already; "
                         "use hf-to-ours to import it")
@@ -134,10 +147,11 @@ def main(argv=None) -> int:
     b.add_argument("--config", default=None, help="for a DCP dir: the run's config (yaml/json with model: ...)")
     b.set_defaults(fn=ours_to_hf)
     args = parser.parse_args(argv)
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        print(f"error: {args.dst}: output dir must differ from the input dir", file=sys.stderr)
-        return 2
     try:
+        if os.path.abspath(args.src) == os.path.abspath(args.dst):
+            raise UserError(f"{args.dst}: output dir must differ from the input dir")
+        if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+            raise UserError(f"{args.dst}: exists and is not a directory; give a new or existing output dir")
         args.fn(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

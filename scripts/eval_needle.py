@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from moba_train.config import Config, to_config  # noqa: E402
+from moba_train.device import device_arg  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 from moba_train.eval import evaluate_needles, summarize  # noqa: E402
 from moba_train.model.pretrained import init_model  # noqa: E402
@@ -31,17 +32,23 @@ def load_run_config(run: str) -> Config:
     return cfg
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="train.out_dir of a run on the synthetic task")
     p.add_argument("--samples", type=int, default=32, help="rows of the task to evaluate")
     p.add_argument("--seed", type=int, default=12345, help="task seed (differs from training by default)")
     p.add_argument("--top-k", type=int, default=None, help="evaluate with another attention.top_k")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
+        if args.samples < 1:
+            raise UserError(f"--samples {args.samples}: must be >= 1")
+        if args.top_k is not None and args.top_k < 1:
+            raise UserError(f"--top-k {args.top_k}: must be >= 1 (leave it out to use the run's attention.top_k)")
+        device_arg(args.device)
         cfg = load_run_config(args.run)
-        attn = dataclasses.replace(cfg.attention, top_k=args.top_k or cfg.attention.top_k)
+        top_k = cfg.attention.top_k if args.top_k is None else args.top_k
+        attn = dataclasses.replace(cfg.attention, top_k=top_k)
         model = init_model(dataclasses.replace(cfg.model, init_from=args.run), attn, args.device).eval()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -51,17 +51,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_not_moba_train_checkpoint(path: Path) -> None:
-    """Our consolidated checkpoints (what model.init_from takes) are not HF models; say how to convert one."""
+    """Our checkpoints (what model.init_from takes: consolidated dirs, trainer DCP checkpoints and the run dirs
+    holding them) are not HF models; say how to convert one."""
     from moba_train.errors import UserError
-    from moba_train.model.pretrained import checkpoint_kind
+    from moba_train.model.pretrained import checkpoint_kind, find_checkpoint, is_dcp_dir
 
     try:
-        ours = checkpoint_kind(str(path)) == "ours"
+        checkpoint = find_checkpoint(str(path))  # a run dir -> its newest DCP checkpoint
+    except UserError:  # none of ours: check_model_dir says what a HF model dir needs
+        return
+    try:
+        ours = is_dcp_dir(checkpoint) or checkpoint_kind(checkpoint) == "ours"
     except UserError as err:  # config.json is not valid JSON
         fail(str(err))
     if ours:
-        fail(f"{path} is a moba-train checkpoint, not a HF model; convert it first: "
-             f"python scripts/convert_hf.py ours-to-hf {path} DST")
+        kind = "checkpoint" if checkpoint == str(path) else "run dir"
+        fail(f"{path} is a moba-train {kind}, not a HF model; convert it first: "
+             f"python scripts/convert_hf.py ours-to-hf {checkpoint} DST")
 
 
 def check_model_dir(path: Path):
@@ -70,9 +76,9 @@ def check_model_dir(path: Path):
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
+    check_not_moba_train_checkpoint(path)
     if not (path / "config.json").is_file():
         fail(f"no model at {path} (expected a local directory with config.json and weights)")
-    check_not_moba_train_checkpoint(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except ValueError as err:  # e.g. an unknown model_type; transformers explains on several lines
@@ -95,16 +101,31 @@ def check_moba_support(config) -> None:
         fail(f"{config.model_type!r} mixes attention kinds {sorted(kinds)}; only full-attention layers can be MoBA")
 
 
-def build_prompt(tokenizer, args: argparse.Namespace) -> list[int]:
-    if args.prompt_file:
-        return tokenizer(Path(args.prompt_file).read_text())["input_ids"]
-    if args.prompt:
-        return tokenizer(args.prompt)["input_ids"]
+def prompt_text(args: argparse.Namespace) -> str | None:
+    """The text of --prompt-file or --prompt; None for the default prompt."""
+    if args.prompt_file is None:
+        source, text = "--prompt", args.prompt
+    else:
+        source = f"--prompt-file {args.prompt_file}"
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as err:
+            fail(f"{source}: cannot read it ({err.strerror})")
+        except UnicodeDecodeError as err:
+            fail(f"{source}: not UTF-8 text (byte {err.start}); convert it to UTF-8")
+    if text == "":  # a mistake, not a request for the default prompt
+        fail(f"{source} is empty; give some text, or neither flag for the default pass-key prompt")
+    return text
+
+
+def build_prompt(tokenizer, user_prompt: str | None, prompt_tokens: int) -> list[int]:
+    if user_prompt is not None:
+        return tokenizer(user_prompt)["input_ids"]
     filler = tokenizer(FILLER, add_special_tokens=False)["input_ids"]
     needle = tokenizer(NEEDLE.format(key=71432), add_special_tokens=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     head = tokenizer("", add_special_tokens=True)["input_ids"]
-    body = max(0, args.prompt_tokens - len(head) - len(needle) - len(question))
+    body = max(0, prompt_tokens - len(head) - len(needle) - len(question))
     text = (filler * (body // max(1, len(filler)) + 1))[:body]
     cut = int(len(text) * 0.37)
     return head + text[:cut] + needle + text[cut:] + question
@@ -122,6 +143,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.max_new_tokens < 1:
         fail("--max-new-tokens must be >= 1")
+    if args.prompt_tokens < 1:
+        fail("--prompt-tokens must be >= 1")
+    from moba_train.device import device_arg
+    from moba_train.errors import UserError
+
+    try:
+        device_arg(args.device)
+    except UserError as err:
+        fail(str(err))
+    user_prompt = prompt_text(args)
     path = Path(args.model).expanduser()
     config = check_model_dir(path)
     if args.attn != "sdpa":
@@ -131,12 +162,18 @@ def main(argv: list[str] | None = None) -> dict:
         for flag, default in MOBA_DEFAULTS.items():
             if getattr(args, flag) is None:  # what the model was trained with, as its config records it
                 setattr(args, flag, getattr(config, f"moba_{flag}", None) or default)
-        register_moba(args.block_size, args.top_k, args.backend, args.full_attn_last_k, args.full_decode)
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if args.full_attn_last_k > n_layers:
+            fail(f"--full-attn-last-k {args.full_attn_last_k}: the model has only {n_layers} layers")
+        try:
+            register_moba(args.block_size, args.top_k, args.backend, args.full_attn_last_k, args.full_decode)
+        except ValueError as err:  # the settings' own check, naming the bad value
+            fail(f"MoBA settings (--block-size, --top-k, --backend, --full-attn-last-k): {err}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         fail(f"no usable tokenizer in {path}: {err}")
-    prompt = build_prompt(tokenizer, args)
+    prompt = build_prompt(tokenizer, user_prompt, args.prompt_tokens)
     context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     if context is not None and len(prompt) + args.max_new_tokens > context:
         fail(f"prompt ({len(prompt)} tokens) + {args.max_new_tokens} new tokens exceed the model's context of "

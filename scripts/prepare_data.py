@@ -6,14 +6,16 @@
 Inputs: `.jsonl` / `.json` files hold one JSON object per line with the text under `--json-key`; any other
 file is one plain-text document; `.gz` files are decompressed (`x.jsonl.gz` is JSON Lines, `x.txt.gz` text).
 A directory stands for the files in it (sorted, recursively; hidden files and directories skipped). Binary
-files (a NUL byte near the start, or .parquet/.arrow/.bin/.idx/.zst/.bz2/.xz/.zip) are refused. Every
-document is tokenized without special tokens and ends with the tokenizer's end-of-document token; empty
-documents are skipped. Writing uses megatron-core's IndexedDatasetBuilder, so Megatron-LM reads the
-result too. `<prefix>.json` records the tokenizer (training checks it against `data.tokenizer`).
-Outputs appear only when complete (written under temporary names, then renamed).
+files (a NUL byte near the start, or .parquet/.arrow/.bin/.idx/.zst/.bz2/.xz/.zip) are refused, and so is text
+that is not UTF-8 (naming the file and line). Every document is tokenized without special tokens and ends with
+the tokenizer's end-of-document token; empty documents are skipped. Writing uses megatron-core's
+IndexedDatasetBuilder, so Megatron-LM reads the result too. `<prefix>.json` records the tokenizer (training
+checks it against `data.tokenizer`). Outputs appear only when complete (written under temporary names, then
+renamed).
 """
 
 import argparse
+import codecs
 import gzip
 import json
 import os
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from moba_train.data.jsonl import json_lines, not_utf8  # noqa: E402
 from moba_train.data.tokenizer import load_tokenizer  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 
@@ -71,22 +74,24 @@ def check_input(file: str) -> None:
         raise UserError(f"{file}: binary input (NUL bytes); give text, JSON Lines or their .gz")
     if is_json(file) and head.lstrip().startswith(b"["):
         raise UserError(f"{file}: a JSON array; expected JSON Lines (one object per line, text under --json-key)")
+    try:  # the common case of another encoding, found before a long run; documents() checks the rest
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # not final: a character cut at the end is fine
+    except UnicodeDecodeError as e:
+        raise not_utf8(file, head.count(b"\n", 0, e.start) + 1) from None
 
 
 def documents(files: list[str], json_key: str) -> Iterator[str]:
     for file in files:
         if not is_json(file):
-            with open_input(file, encoding="utf-8", errors="replace") as f:
-                yield f.read()
-            continue
-        with open_input(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+            with open_input(file, encoding="utf-8") as f:
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{file}:{lineno}: invalid JSON ({e.msg})") from None
+                    text = f.read()
+                except UnicodeDecodeError as e:  # read() decodes the whole file at once: e.object is all of it
+                    raise not_utf8(file, e.object.count(b"\n", 0, e.start) + 1) from None
+            yield text
+            continue
+        with open_input(file, "rb") as f:
+            for lineno, obj in json_lines(f, file):
                 if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
                     raise UserError(f"{file}:{lineno}: no string field {json_key!r} (--json-key)")
                 yield obj[json_key]
@@ -107,6 +112,11 @@ def _encode(text: str) -> list[int]:
 def prepare(inputs: list[str], output_prefix: str, tokenizer: str = "byte", json_key: str = "text",
             workers: int = 1, progress: bool = True) -> dict:
     """Write `<output_prefix>.bin/.idx/.json`; returns the summary written to the .json file."""
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be >= 1")
+    if not os.path.basename(output_prefix) or os.path.isdir(output_prefix):
+        raise UserError(f"--output-prefix {output_prefix}: names a directory; give a file name prefix in it, e.g. "
+                        f"{os.path.join(output_prefix, 'corpus')}")
     with warnings.catch_warnings():  # megatron.core warns about missing optional GPU packages on import
         warnings.simplefilter("ignore")
         import torch

@@ -1,12 +1,20 @@
-"""Needle eval: its per-answer losses are the model's own, and gate recall follows the routing rule."""
+"""Needle eval: its per-answer losses are the model's own, gate recall follows the routing rule, bad flags fail
+in one line."""
 
+import importlib.util
+import os
+
+import pytest
 import torch
+from omegaconf import OmegaConf
 
+from moba_train.config import Config
 from moba_train.data import DataConfig, collate
 from moba_train.data.synthetic import NeedleRetrieval
 from moba_train.data.tokenizer import BYTE_VOCAB
 from moba_train.eval import evaluate_needles, summarize
 from moba_train.model import IGNORE_INDEX, AttentionConfig, Llama, ModelConfig
+from moba_train.model.pretrained import save_consolidated
 
 DATA = DataConfig(seq_len=512, min_doc_len=128, needle_run=4, num_needles=8)
 BLOCK = 32  # MoBA block size of the test model (16 blocks per row)
@@ -70,3 +78,43 @@ def test_gate_recall_matches_an_independent_selection():
         expected.append(hits / heads)
     assert [a.recall[0] for a in answers] == expected
     assert 0.0 < sum(expected) < len(expected), "some needles found, some missed: the choice matters here"
+
+
+def eval_script():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "eval_needle.py")
+    spec = importlib.util.spec_from_file_location("eval_needle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run on the needle task as the script reads it: its Hydra config (top_k 3) and a checkpoint."""
+    net = model(top_k=3)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.structured(Config(model=net.cfg, attention=net.attn_cfg, data=DATA)),
+                   tmp_path / ".hydra" / "config.yaml")
+    save_consolidated(net, str(tmp_path))
+    return str(tmp_path)
+
+
+def test_script_top_k_defaults_to_the_runs(run_dir, capsys):
+    for flags, top_k in (([], 3), (["--top-k", "1"], 1)):
+        eval_script().main(["--run", run_dir, "--samples", "1", "--device", "cpu", *flags])
+        assert f"top_k {top_k}," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "0"], "--top-k 0: must be >= 1 (leave it out to use the run's attention.top_k)"),
+    (["--samples", "0"], "--samples 0: must be >= 1"),
+    (["--device", "tpu"], "--device tpu: not a device name"),
+    pytest.param(["--device", "cuda"], "--device cuda: 0 CUDA GPUs visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")),
+])
+def test_script_refuses_bad_flags(run_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script().main(["--run", run_dir, *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1

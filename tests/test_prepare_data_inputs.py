@@ -49,3 +49,35 @@ def test_script_reports_binary_input_in_one_line(tmp_path, capsys):
         prepare_data.main(["--input", str(tmp_path / "x.bin"), "--output-prefix", str(tmp_path / "data")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'x.bin'}: ")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_text_that_is_not_utf8_is_refused_by_file_and_line(tmp_path, workers):
+    """Within the first 8 KB (found before tokenizing) and past it (found while reading), with worker processes."""
+    ok = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(1000)).encode()
+    late = tmp_path / "late.jsonl"
+    late.write_bytes(ok + '{"text": "café"}\n'.encode("latin-1"))
+    late_text = tmp_path / "late.txt"
+    late_text.write_bytes(b"x" * 9000 + b"\nline 2\n" + "café".encode("latin-1"))
+    early = tmp_path / "early.txt"
+    early.write_bytes("first line\ncafé".encode("latin-1"))
+    for path, line in ((late, 1001), (late_text, 3), (early, 2)):
+        with pytest.raises(UserError, match=rf"{path.name}:{line}: not UTF-8 text"):
+            prepare_data.prepare([str(path)], str(tmp_path / "data"), workers=workers, progress=False)
+    assert not list(tmp_path.glob("data*"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "--workers 0: must be >= 1"),
+    (["--output-prefix", "out/"], "--output-prefix out/: names a directory"),
+    (["--output-prefix", "."], "--output-prefix .: names a directory"),
+])
+def test_script_refuses_bad_workers_and_prefix(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--input", "a.txt", "--output-prefix", "data", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

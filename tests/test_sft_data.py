@@ -92,6 +92,10 @@ def test_bad_samples_name_file_and_line(tmp_path):
             read_jsonl(path)
     with pytest.raises(SFTDataError, match="no such SFT data file"):
         read_jsonl(str(tmp_path / "missing.jsonl"))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(f'{json.dumps(ok)}\n\n{{"prompt": "café", "response": "r"}}\n'.encode("latin-1"))
+    with pytest.raises(SFTDataError, match="latin1.jsonl:3: not UTF-8 text"):
+        read_jsonl(str(latin1))
 
 
 def test_overlength_drop_and_truncate(tmp_path):

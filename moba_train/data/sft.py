@@ -14,7 +14,6 @@ document of its own without loss. Conversations longer than `data.seq_len` are d
 with counts in the log.
 """
 
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from moba_train.data.config import DataConfig
+from moba_train.data.jsonl import json_lines
 from moba_train.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_SEP, BYTE_VOCAB, check_vocab
 from moba_train.model.pretrained import tokenizer_dir
 from moba_train.errors import ConfigError, UserError
@@ -87,15 +87,9 @@ def read_jsonl(path: str) -> list[tuple[str, list[dict[str, str]]]]:
     if not os.path.isfile(path):
         raise SFTDataError(f"{path}: no such SFT data file (data.path)")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, obj in json_lines(f, path, SFTDataError):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             samples.append((where, normalize(obj, where)))
     if not samples:
         raise SFTDataError(f"{path}: no samples")

@@ -1,6 +1,5 @@
 """torch.compile per transformer block's dense parts (norms, MLP); attention (ops + CP collectives) stays eager."""
 
-import torch
 import torch.nn as nn
 
 
