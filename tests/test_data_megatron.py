@@ -150,6 +150,16 @@ def test_blend_weights(tmp_path):
     assert 70 <= from_a <= 130, from_a
 
 
+def test_blend_strings():
+    from moba_train.data.megatron import parse_blend
+
+    assert parse_blend("0.3 /d/a 0.7 /d/b") == (["/d/a", "/d/b"], [0.3, 0.7])
+    assert parse_blend("/d/a /d/b /d/c") == (["/d/a", "/d/b", "/d/c"], None)
+    assert parse_blend("2024") == (["2024"], None)  # one prefix, whatever its name
+    with pytest.raises(UserError, match=r"alternates weights and prefixes .*got 3 entries"):
+        parse_blend("0.3 /d/a 0.7")  # a weight without its prefix was read as a prefix named 0.3
+
+
 def test_missing_and_corrupt_dataset_files(corpus, tmp_path):
     prefix = corpus[0]
     with pytest.raises(UserError, match=r"/nope\.idx: no such dataset file"):

@@ -164,3 +164,14 @@ def test_lineage_is_recorded_absolute(tmp_path, monkeypatch):
     ours = str(tmp_path / "ours")
     assert list(lineage(ours)) == [ours, str(tmp_path / "hf")]
     assert special_token_ids(ours) == {"bos_token_id": 5, "eos_token_id": 6}
+
+
+def test_init_from_a_file_says_it_is_a_file(tmp_path):
+    from moba_train.model.pretrained import checkpoint_kind, find_checkpoint
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for look in (find_checkpoint, checkpoint_kind):
+        with pytest.raises(UserError, match="model.safetensors: a file, not a checkpoint directory"):
+            look(str(tmp_path / "model.safetensors"))
+        with pytest.raises(UserError, match="nope: no such checkpoint directory"):
+            look(str(tmp_path / "nope"))

@@ -28,10 +28,14 @@ TOKENIZER_FILES = TOKENIZER_MARKS + ("special_tokens_map.json", "generation_conf
                                      "added_tokens.json")
 
 
+def _not_a_dir(path: str) -> str:
+    return "a file, not a checkpoint directory" if os.path.exists(path) else "no such checkpoint directory"
+
+
 def checkpoint_kind(path: str) -> str:
     """'hf' or 'ours' for a checkpoint directory; anything else is an error naming the path."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise CheckpointError(f"{path}: {_not_a_dir(path)}")
     config_path = os.path.join(path, hf.CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: no such file (a checkpoint dir needs config.json and safetensors)")
@@ -194,7 +198,7 @@ def checkpoint_step(path: str) -> int:
 def find_checkpoint(path: str) -> str:
     """A checkpoint dir itself, or the newest DCP checkpoint inside a run dir (largest step number)."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory (model.init_from)")
+        raise CheckpointError(f"{path}: {_not_a_dir(path)} (model.init_from)")
     if is_dcp_dir(path) or os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
         return path
     found = []
