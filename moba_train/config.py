@@ -71,11 +71,10 @@ def validate(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
     _require(m.head_size % 2 == 0, f"head dim {m.head_size} must be even for RoPE (model.head_dim)")
-    for key in ("rope_theta", "norm_eps"):
-        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be > 0")
-    _require(m.init_std >= 0, f"model.init_std={m.init_std} must be >= 0")
-    _require(m.max_seq_len >= 1, f"model.max_seq_len={m.max_seq_len} must be >= 1 (the context the model "
-             "declares: max_position_embeddings on export)")
+    for key, rule in (("rope_theta", "> 0"), ("norm_eps", "> 0"), ("max_seq_len", "> 0"), ("init_std", ">= 0")):
+        value = getattr(m, key)  # None where a checkpoint's config.json holds null
+        ok = isinstance(value, (int, float)) and (value > 0 if rule == "> 0" else value >= 0)
+        _require(ok, f"model.{key}={value} must be {rule}")
     if m.rope_scaling:
         _require(isinstance(m.rope_scaling, dict), f"model.rope_scaling={m.rope_scaling!r} must be a mapping "
                  "such as {rope_type: linear, factor: 4.0}")

@@ -348,19 +348,21 @@ def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [last]
 
 
-def test_diverged_loss_stops_before_saving_it(tmp_path):
-    """A non-finite loss at a log or save step stops the run with one error naming the step; that step is not
-    saved and the earlier checkpoint stays the newest (log_every 3, so step 4 is seen only because it saves)."""
+@pytest.mark.parametrize("broken", ["loss", "grad_norm"])
+def test_divergence_stops_before_saving_it(tmp_path, broken):
+    """A non-finite loss (the step's input weights) or grad norm (its update broke them) at a log or save step
+    stops the run with one error naming the step; that step is not saved and the earlier checkpoint stays the
+    newest (log_every 3, so step 4 is seen only because it saves)."""
     trainer = Trainer(config(tmp_path, "checkpoint.interval=2", "train.log_every=3"))
     step = trainer.train_step
 
     def nan_from_step_4():
         out = step()
         if trainer.step == 3:  # the step about to become step 4
-            out["loss"] = out["loss"] * float("nan")
+            out[broken] = out[broken] * float("nan")
         return out
 
     trainer.train_step = nan_from_step_4
-    with pytest.raises(UserError, match="loss is nan at step 4"):
+    with pytest.raises(UserError, match=r"loss .*, grad norm .* at step 4: training diverged"):
         trainer.train()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2]

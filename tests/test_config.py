@@ -51,7 +51,7 @@ def test_recipes_compose():
     ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
     ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"),
     ("model.init_std=-1", "model.init_std=-1.0 must be >= 0"),
-    ("model.max_seq_len=-5", "model.max_seq_len=-5 must be >= 1"),
+    ("model.max_seq_len=-5", "model.max_seq_len=-5 must be > 0"),
     ("attention.softmax_scale=-1", "attention.softmax_scale=-1.0 must be > 0"),
     ("model.vocab_size=100", "model.vocab_size=100 is smaller than the synthetic task's byte vocabulary"),
     ("data.num_needles=0", "data.num_needles=0 must be >= 1"),

@@ -5,6 +5,7 @@ import math
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,6 +185,9 @@ def test_meaningless_arguments_raise_clear_errors(backend):
     for args, kwargs, match in cases:
         with pytest.raises(ValueError, match=re.escape(match)):
             moba_attn(*args, backend=backend, **kwargs)
+    # integer types that are not int stay accepted
+    out = moba_attn(q, k, v, cu, max_len, torch.tensor(16), np.int64(2), backend=backend, softmax_scale=1)
+    assert torch.equal(out, moba_attn(q, k, v, cu, max_len, 16, 2, backend=backend, softmax_scale=1.0))
     with pytest.raises(ValueError, match="softmax_scale"):
         full_attn(q, k, v, cu, max_len, -1.0)
 

@@ -1,6 +1,6 @@
 """Input checks shared by the attention ops: a ValueError naming the problem instead of a kernel's traceback."""
 
-import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -26,7 +26,11 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
     if not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
     for name, value in (("top_k", top_k), ("block_size", block_size)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        try:  # ints, numpy ints and 0-dim integer tensors; not floats or bools
+            ok = not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (or None: head_dim ** -0.5)")

@@ -31,7 +31,8 @@ def pick_device(name: str, backend: str = "auto") -> torch.device:
         raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cuda" and backend in ("varlen", "triton"):  # found before the model is built, not at its first call
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter
+    if name != "cuda" and backend in ("varlen", "triton") and not interpreted:  # found before the model is built
         raise ConfigError(f"attention.backend={backend} needs a CUDA GPU and this run is on {name}; use "
                           "attention.backend=auto or naive")
     if name == "cuda":
@@ -118,11 +119,13 @@ class Trainer:
                     # read the values first: that waits for the GPU, which the host otherwise runs ahead of, so
                     # the interval times the steps' work rather than their queueing
                     loss, grad_norm = out["loss"].item(), float(out["grad_norm"])
-                    if not math.isfinite(loss):  # all ranks hold the same reduced loss, so all stop here
+                    # the loss is the step's input weights'; a non-finite grad norm means its update broke them.
+                    # Both are reduced over all ranks, so all stop here together
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                         self.checkpointer.wait()  # an earlier step's save in flight completes
-                        raise TrainingError(f"loss is {loss} at step {self.step}: training diverged; this step is "
-                                            "not saved, earlier checkpoints are kept (lower train.lr, raise "
-                                            "train.warmup_steps or check the data)")
+                        raise TrainingError(f"loss {loss}, grad norm {grad_norm} at step {self.step}: training "
+                                            "diverged; this step is not saved, earlier checkpoints are kept (lower "
+                                            "train.lr, raise train.warmup_steps or check the data)")
                 if log_now:
                     elapsed = time.perf_counter() - tick
                     logger.log(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,

@@ -2,9 +2,10 @@
 
 A row meets each slot's launch at most once, so a launch reads a row's sum, adds its block and writes it back
 with no atomics, and the result is bitwise deterministic. For bf16 and fp16 inputs the sum is kept as fp16
-times a per-row power-of-two scale (|sum / scale| <= 1, so any range fits): half the bytes of fp32, which is
-most of a fine-block slot's time, at a rounding of at most 2^-12 of the row's largest entry per slot, an eighth
-of the bf16 result's own. fp32 inputs keep fp32 sums.
+times a per-row power-of-two scale (|sum / scale| <= 1, so any range below fp32's last binade fits): half the
+bytes of fp32, which is most of a fine-block slot's time, at a rounding per slot of at most 2^-12 of the scale
+(< 2^-11 of the row's largest entry): an eighth of a bf16 rounding of that entry, about one fp16 rounding.
+Other inputs keep fp32 sums.
 """
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.float32 else torch.float16
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def row_sums(tokens: int, heads: int, dim: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
