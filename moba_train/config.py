@@ -118,6 +118,8 @@ def validate(cfg: Config) -> None:
                                         f"{d.needle_run}")
     elif d.name in ("megatron", "sft"):
         _require(bool(d.path), f"data.path is required for data.name={d.name} (give data.path=...)")
+    if d.name == "sft":
+        _require(d.sft.num_synthetic >= 1, f"data.sft.num_synthetic={d.sft.num_synthetic} must be >= 1")
 
     if d.name == "megatron":
         _require(re.fullmatch(r"\s*[0-9.]+\s*(,\s*[0-9.]+\s*){0,2}", d.megatron.split) is not None,

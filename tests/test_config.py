@@ -57,6 +57,7 @@ def test_recipes_compose():
     ("data.num_needles=0", "data.num_needles=0 must be >= 1"),
     ("data.needle_values=0", "data.needle_values=0 must be >= 1"),
     (("logger.wandb.enabled=true", "logger.wandb.mode=foo"), "logger.wandb.mode='foo' is not one of"),
+    (("data=sft", "data.path=builtin:long_qa", "data.sft.num_synthetic=-5"), "data.sft.num_synthetic=-5 must be >= 1"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=re.escape(match)):
