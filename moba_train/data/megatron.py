@@ -58,11 +58,11 @@ def parse_blend(path: str) -> tuple[list[str], Optional[list[float]]]:
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"data.path={path!r}: blend weights must be >= 0 with a positive sum")
         return parts[1::2], weights
+    if len(parts) == 1:
+        return parts, None
     try:  # three or more entries led by a weight: a blend missing a prefix, not a list of prefixes
         float(parts[0])
     except ValueError:
-        return parts, None
-    if len(parts) == 1:
         return parts, None
     raise UserError(f"data.path={path!r}: a blend alternates weights and prefixes ('0.3 /data/a 0.7 /data/b'); "
                     f"got {len(parts)} entries")

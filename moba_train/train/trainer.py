@@ -31,10 +31,12 @@ def pick_device(name: str, backend: str = "auto") -> torch.device:
         raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter
-    if name != "cuda" and backend in ("varlen", "triton") and not interpreted:  # found before the model is built
-        raise ConfigError(f"attention.backend={backend} needs a CUDA GPU and this run is on {name}; use "
-                          "attention.backend=auto or naive")
+    if name != "cuda" and backend in ("varlen", "triton"):  # found before the model is built, not at its first call
+        from moba_train.ops.fused.autograd import interpreting  # Triton loads only for runs that name it
+
+        if not (backend == "triton" and interpreting()):
+            raise ConfigError(f"attention.backend={backend} needs a CUDA GPU and this run is on {name}; use "
+                              "attention.backend=auto or naive")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)

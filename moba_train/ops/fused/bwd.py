@@ -14,7 +14,7 @@ from moba_train.ops.fused.bwd_kv import kv_kernel
 from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_kernel
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
-from moba_train.ops.fused.state import row_sums, state_dtype
+from moba_train.ops.fused.state import is_scaled, row_sums, state_dtype
 from moba_train.ops.fused.tiles import kv_desc, tiles
 
 LOG2E = 1.4426950408889634
@@ -56,7 +56,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, lse, delta, dq_sum, dq_scale, dq,
                                                  layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                                                  scale, HQ=hq, HKV=hkv, D=dim, HAS_PAST=has_past,
-                                                 SCALED=has_past and sum_dtype != torch.float32, PREC=prec,
+                                                 SCALED=has_past and is_scaled(sum_dtype), PREC=prec,
                                                  BLOCK_M=layout.tile_m, **own_cfg)
     return dq, dk, dv
 
@@ -73,6 +73,6 @@ def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Ten
         tile0, n_tiles = routes.slot(slot)
         dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, lse, delta, dq_sum, dq_scale, routes.rows, routes.tiles,
                                    tile0, layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks,
-                                   D=q.shape[-1], FIRST=slot == 0, SCALED=sum_dtype != torch.float32, PREC=prec,
+                                   D=q.shape[-1], FIRST=slot == 0, SCALED=is_scaled(sum_dtype), PREC=prec,
                                    BLOCK_M=routes.tile_m, **launch)
     return dq_sum, dq_scale

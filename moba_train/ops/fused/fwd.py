@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout, own_tile, past_tile
 from moba_train.ops.fused.routing import Routes
-from moba_train.ops.fused.state import load_rows_sum, row_sums, state_dtype, store_rows_sum
+from moba_train.ops.fused.state import is_scaled, load_rows_sum, row_sums, state_dtype, store_rows_sum
 from moba_train.ops.fused.tiles import kv_desc, tiles
 
 LOG2E = 1.4426950408889634
@@ -112,7 +112,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
     lse = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
     has_past = routes.n_slots > 0
     acc_dtype = acc_dtype or state_dtype(q.dtype)
-    scaled = acc_dtype != torch.float32
+    scaled = is_scaled(acc_dtype)
     if has_past:
         acc, acc_scale = row_sums(tokens, hq, dim, acc_dtype, q.device)
         m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)

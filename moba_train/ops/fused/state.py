@@ -18,11 +18,15 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def is_scaled(dtype: torch.dtype) -> bool:
+    """Sums stored in `dtype` carry a row scale (16-bit storage); fp32 sums do not."""
+    return dtype != torch.float32
+
+
 def row_sums(tokens: int, heads: int, dim: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
     """(sums [T, H, D] of `dtype`, their row scales [T, H] fp32; the sums themselves stand in when unscaled)."""
     sums = torch.empty(tokens, heads, dim, device=device, dtype=dtype)
-    scaled = dtype != torch.float32
-    return sums, torch.empty(tokens, heads, device=device, dtype=torch.float32) if scaled else sums
+    return sums, torch.empty(tokens, heads, device=device, dtype=torch.float32) if is_scaled(dtype) else sums
 
 
 @triton.jit
