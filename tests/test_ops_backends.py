@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import packed, run_interpreted
 
 # (doc lengths, Hq, Hkv, head_dim, block_size, top_k): packed docs with short last blocks, GQA groups 1..4,
 # top_k from 1 (own block only) to >= blocks (full causal attention); the first seven make the gate choose
@@ -125,12 +125,11 @@ def gpu_tiles() -> dict:
         x = empty(*args, **kwargs)
         return x.fill_(float("nan")) if x.dtype.is_floating_point else x
 
-    gen = torch.Generator().manual_seed(6)
     result = {}
     cases = (((200, 70, 0, 150), 4, 2, 16, 64, 4), ((130, 70), 2, 2, 16, 128, 3))
-    for lengths, hq, hkv, dim, block_size, top_k in cases:
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        q, k, v, do = (torch.randn(sum(lengths), h, dim, generator=gen) for h in (hq, hkv, hkv, hq))
+    for seed, (lengths, hq, hkv, dim, block_size, top_k) in enumerate(cases):
+        q, k, v, cu, _ = packed(lengths, hq, hkv, dim, torch.float32, seed, requires_grad=False)
+        do = torch.randn_like(q)
         leaves = [x.double().requires_grad_() for x in (q, k, v)]
         ref = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend="naive")
         refs = [ref.detach(), *torch.autograd.grad(ref, leaves, do.double())]
