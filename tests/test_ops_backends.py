@@ -10,7 +10,11 @@ import json
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import packed, run_interpreted
+
+from moba_train.ops.fused.state import load_rows_sum, row_sums, store_rows_sum
 
 # (doc lengths, Hq, Hkv, head_dim, block_size, top_k): packed docs with short last blocks, GQA groups 1..4,
 # top_k from 1 (own block only) to >= blocks (full causal attention); the first seven make the gate choose
@@ -106,6 +110,31 @@ def fp16_state() -> dict:
                 err = (got.double() - want).abs().max() / want.abs().max()
                 result[f"{name} {v_scale:g} {str(state)[6:]}"] = float(err)
     return result
+
+
+@triton.jit
+def _sums_roundtrip(X, Sums, Scale, Y, N: tl.constexpr, D: tl.constexpr):
+    rows = tl.arange(0, N)
+    ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
+    store_rows_sum(Sums, Scale, rows, rows < N, tl.load(X + ptrs), D, True)
+    tl.store(Y + ptrs, load_rows_sum(Sums, Scale, rows, rows < N, D, True))
+
+
+def state_range(device: str = "cpu") -> dict:
+    """The fp16 row sums' round trip (store with a row scale, load back) across fp32's range, the last binade
+    (|entry| >= 2^127, where the next power of two is not an fp32; its inverse is an fp32 subnormal, which a GPU
+    that flushed it to zero would turn into zero rows) and zero rows included: per row, finite and the error
+    relative to the row's largest entry."""
+    peaks = [0.0, 1e-30, 1.0, 1e6, 2.0 ** 126 * 1.9, 2.0 ** 127 * 1.5, 3.4e38]
+    x = torch.rand(8, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    x[:len(peaks)] *= torch.tensor(peaks, dtype=torch.float64)[:, None] / x[:len(peaks)].abs().amax(1, keepdim=True)
+    x = x.float().to(device)  # each row's largest |entry| is its peak (3.4e38 stays below fp32's max)
+    sums, scale = row_sums(8, 1, 16, torch.float16, x.device)
+    y = torch.empty_like(x)
+    _sums_roundtrip[(1,)](x, sums, scale, y, N=8, D=16)
+    x, y = x.cpu().double(), y.cpu()
+    err = (y.double() - x).abs().amax(1) / x.abs().amax(1).clamp_min(1e-300)
+    return {f"{peak:g}": [bool(y[i].isfinite().all()), float(err[i])] for i, peak in enumerate(peaks)}
 
 
 def gpu_tiles() -> dict:
@@ -277,6 +306,23 @@ def test_fp16_row_sums_round_at_fp16_precision(interpreted):
             assert FP32_TOL < res[f"{name} {v_scale} float16"] < 4 * 2.0 ** -11, res
 
 
+def test_fp16_row_sums_cover_fp32s_range(interpreted):
+    """Every finite row survives the fp16 round trip within 2^-11 of its largest entry: zero rows, tiny ones and
+    those in fp32's last binade, whose next power of two (2^128) is no fp32 (the scale stops at 2^127)."""
+    check_state_range(interpreted["state_range"])
+
+
+@pytest.mark.gpu
+def test_fp16_row_sums_cover_fp32s_range_on_gpu():
+    check_state_range(state_range("cuda"))
+
+
+def check_state_range(res: dict):
+    assert res["0"] == [True, 0.0], res
+    for peak, (finite, err) in res.items():
+        assert finite and err <= 2.0 ** -11, (peak, res)
+
+
 def test_gpu_tile_configs_in_the_interpreter(interpreted):
     """The 64-row past tiles of blocks <= 128 run in CI too; NaN-poisoned buffers would show unwritten reads."""
     res = interpreted["gpu_tiles"]
@@ -305,5 +351,5 @@ def means_parts() -> dict:
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
-                      "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(),
+                      "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(), "state_range": state_range(),
                       "gpu_tiles": gpu_tiles(), "zero_rows": zero_rows_case(), "double_backward_refused": double_backward_refused()}))

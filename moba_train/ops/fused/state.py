@@ -2,7 +2,7 @@
 
 A row meets each slot's launch at most once, so a launch reads a row's sum, adds its block and writes it back
 with no atomics, and the result is bitwise deterministic. For bf16 and fp16 inputs the sum is kept as fp16
-times a per-row power-of-two scale (|sum / scale| <= 1, so any range below fp32's last binade fits): half the
+times a per-row power-of-two scale (|sum / scale| <= 1, < 2 in fp32's last binade, so any finite sum fits): half the
 bytes of fp32, which is most of a fine-block slot's time, at a rounding per slot of at most 2^-12 of the scale
 (< 2^-11 of the row's largest entry): an eighth of a bf16 rounding of that entry, about one fp16 rounding.
 Other inputs keep fp32 sums.
@@ -42,9 +42,10 @@ def load_rows_sum(Sums, Scale, rows, mask, D: tl.constexpr, SCALED: tl.constexpr
 @triton.jit
 def store_rows_sum(Sums, Scale, rows, mask, acc, D: tl.constexpr, SCALED: tl.constexpr):
     offs_d = tl.arange(0, D)
-    if SCALED:  # a power of two >= the row's largest |entry| (floored at the smallest normal: zero rows)
+    if SCALED:  # a power of two >= the row's largest |entry| (floored at the smallest normal: zero rows), at
+        # most 2^127: fp32 has no 2^128, and |sum / 2^127| < 2 still fits fp16
         big = tl.maximum(tl.max(tl.abs(acc), 1), 1.1754943508222875e-38)
-        scale = tl.math.exp2(tl.math.ceil(tl.math.log2(big)))
+        scale = tl.math.exp2(tl.minimum(tl.math.ceil(tl.math.log2(big)), 127.0))
         tl.store(Scale + rows, scale, mask=mask)
         acc = acc * (1.0 / scale)[:, None]
     tl.store(Sums + rows[:, None] * D + offs_d[None, :], acc.to(Sums.dtype.element_ty), mask=mask[:, None])
