@@ -72,13 +72,15 @@ def main():
                 "Vd": f"tensordesc<{args.dtype}[{launch['BLOCK_N']}, {args.dim}]>"}
 
     tile_m = 128
-    past = {"D": args.dim, "PREC": prec, "BLOCK_M": cfg["past_rows"], "FIRST": False, "SCALED": scaled}
+    past = {"D": args.dim, "PREC": prec, "FIRST": False, "SCALED": scaled}
+    fwd_past = ((fwd._past_block_kernel, past) if cfg["whole_block"] else
+                (fwd._past_kernel, {**past, "BLOCK_M": cfg["past_rows"]}))
     cases = [
-        ("forward past", fwd._past_kernel, past, cfg["past"]),
+        ("forward past", *fwd_past, cfg["past"]),
         ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["own"]),
         ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
-        ("dQ past", bwd_q.dq_past_kernel, past, cfg["dq_past"]),
+        ("dQ past", bwd_q.dq_past_kernel, {**past, "BLOCK_M": cfg["dq_rows"]}, cfg["dq_past"]),
         ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["dq_own"]),
     ]

@@ -65,17 +65,21 @@ def tune(name):
         print(name, "gate", cfg, f"{ms(lambda: gate.select(q, k, layout, top_k, cfg)):.2f} ms", "same" if same
               else "DIFFERENT", flush=True)
     default = tiles(block_size, DIM, 2)
-    routes = build_routes(idx, layout, HKV, default["past_rows"])
-    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, default['past_rows'])):.2f} ms", flush=True)
-    ref = fwd.forward(q, k, v, layout, routes, scale, False)
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, default)):.2f} ms", flush=True)
+    if default["whole_block"]:
+        whole_block(name, q, k, v, layout, idx, scale, default)
+    # the sweeps below: tiled past passes, one tile of 128 rows per program
+    tiled = {**default, "whole_block": False, "past_rows": 128, "dq_rows": 128}
+    routes = build_routes(idx, layout, HKV, tiled)
+    ref = fwd.forward(q, k, v, layout, routes, scale, False, {**tiled, "past": PAST[0]})
     no_past = routes.own_only()
     for cfg in OWN:
-        both = {"past": default["past"], "own": cfg}
+        both = {**tiled, "past": PAST[0], "own": cfg}
         own_ms = ms(lambda: fwd.forward(q, k, v, layout, no_past, scale, False, both))
         err = diff(fwd.forward(q, k, v, layout, routes, scale, False, both), ref)
         print(name, "fwd own", cfg, f"{own_ms:.2f} ms", f"diff {err:.1e}", flush=True)
     for cfg in PAST:
-        both = {"past": cfg, "own": default["own"]}
+        both = {**tiled, "past": cfg}
         err = diff(fwd.forward(q, k, v, layout, routes, scale, False, both), ref)
         t = ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, both))
         print(name, "fwd own+past", cfg, f"{t:.2f} ms", f"diff {err:.1e}", flush=True)
@@ -104,8 +108,33 @@ def tune(name):
             layout.blk_local, scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, SCALED=True, PREC="tf32",
             BLOCK_M=layout.tile_m, **cfg))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
+    routes = build_routes(idx, layout, HKV, default)
     t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))
     print(name, "bwd total (defaults)", f"{t:.2f} ms")
+
+
+# blocks <= 128: the whole-block forward past pass, (rows per entry, launch), against the ninth session's tiled
+# pass (64-row tiles, one per program) on the same inputs
+WHOLE = [(512, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}),
+         (256, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}),
+         (1024, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}),
+         (512, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}),
+         (512, {"BLOCK_M": 32, "num_warps": 4, "num_stages": 4})]
+TILED_FINE = (64, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3})
+
+
+def whole_block(name, q, k, v, layout, idx, scale, default):
+    rows, past = TILED_FINE
+    runs = [("tiled", {**default, "whole_block": False, "past_rows": rows, "past": past})]
+    runs += [("whole", {**default, "past_rows": rows, "past": {**launch, "BLOCK_N": default["past"]["BLOCK_N"]}})
+             for rows, launch in WHOLE]
+    ref = None
+    for kind, cfg in runs:
+        routes = build_routes(idx, layout, HKV, cfg)
+        t, res = cuda_ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, cfg))
+        ref = ref or res
+        print(name, f"fwd own+past {kind} rows={cfg['past_rows']}", cfg["past"], f"{t:.2f} ms",
+              f"diff out {diff(res[:1], ref[:1]):.1e} lse {diff(res[1:], ref[1:]):.1e}", flush=True)
 
 
 def routing_only(name):
@@ -115,8 +144,8 @@ def routing_only(name):
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
     layout, idx = selection(q, k, cu, block_size, top_k)
     del q, k
-    rows = tiles(block_size, DIM, 2)["past_rows"]
-    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, rows), reps=3):.1f} ms", flush=True)
+    cfg = tiles(block_size, DIM, 2)
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, cfg), reps=3):.1f} ms", flush=True)
 
 
 def main():
@@ -131,8 +160,8 @@ def main():
     for name in args.shapes:
         tune(name)
         torch.cuda.empty_cache()
-    for kernel in (gate._gate_kernel, fwd._past_kernel, fwd._own_kernel, bwd_kv.kv_kernel, bwd_q.dq_past_kernel,
-                   bwd_q.dq_own_kernel):
+    for kernel in (gate._gate_kernel, fwd._past_kernel, fwd._past_block_kernel, fwd._own_kernel, bwd_kv.kv_kernel,
+                   bwd_q.dq_past_kernel, bwd_q.dq_own_kernel):
         print(kernel.fn.__name__, compiled(kernel))
 
 

@@ -90,6 +90,7 @@ def fp16_state() -> dict:
     from moba_train.ops.fused.bwd import backward
     from moba_train.ops.fused.fwd import forward
     from moba_train.ops.fused.routing import build_routes
+    from moba_train.ops.fused.tiles import tiles
 
     gen = torch.Generator().manual_seed(5)
     lengths, hq, hkv, dim, block_size, top_k = (96, 70), 4, 2, 16, 16, 5
@@ -97,7 +98,7 @@ def fp16_state() -> dict:
     q, k, v, do = (torch.randn(sum(lengths), h, dim, generator=gen) for h in (hq, hkv, hkv, hq))
     v[:, 1] = 0.0
     layout, idx = selection(q, k, cu, block_size, top_k)
-    routes = build_routes(idx, layout, hkv, 16)
+    routes = build_routes(idx, layout, hkv, tiles(block_size, dim, 4, interpret=True))
     result = {}
     for v_scale in (1.0, 1e6):
         leaves = [x.double().requires_grad_() for x in (q, k, v * v_scale)]
@@ -138,9 +139,10 @@ def state_range(device: str = "cpu") -> dict:
 
 
 def gpu_tiles() -> dict:
-    """The GPU's tile configs (64-row past tiles at blocks <= 128, 64-key chunks) run in the interpreter, which
-    otherwise takes its own 16-row tiles, with every `torch.empty` poisoned with NaN so that a read of a row the
-    kernels never wrote shows; fp32 and fp16 row sums, errors relative to the float64 reference."""
+    """The GPU's tile configs at blocks <= 128 (the whole-block forward with entries of up to 512 rows walked
+    64 at a time, dQ's 64-row past tiles, 64-key chunks) run in the interpreter, which otherwise takes its own
+    16-row tiles, with every `torch.empty` poisoned with NaN so that a read of a row the kernels never wrote
+    shows; fp32 and fp16 row sums, errors relative to the float64 reference."""
     from moba_train.ops import moba_attn
     from moba_train.ops.fused.autograd import selection
     from moba_train.ops.fused.bwd import backward
@@ -165,7 +167,7 @@ def gpu_tiles() -> dict:
         cfg = {name: {key: value for key, value in launch.items() if key not in ("num_warps", "num_stages")}
                if isinstance(launch, dict) else launch for name, launch in tiles(block_size, dim, 4).items()}
         layout, idx = selection(q, k, cu, block_size, top_k)
-        routes = build_routes(idx, layout, hkv, cfg["past_rows"])
+        routes = build_routes(idx, layout, hkv, cfg)
         torch.empty = poisoned
         try:
             for state in (torch.float32, torch.float16):
@@ -173,7 +175,7 @@ def gpu_tiles() -> dict:
                 grads = backward(do, q, k, v, out, lse, layout, routes, dim ** -0.5, True, cfg, sum_dtype=state)
                 errors = torch.stack([(got.double() - want).abs().max() / want.abs().max()
                                       for got, want in zip((out, *grads), refs)])
-                result[f"{block_size} {cfg['past_rows']} {str(state)[6:]}"] = float(errors.max())  # NaN wins
+                result[f"{block_size} {str(state)[6:]}"] = float(errors.max())  # NaN wins
         finally:
             torch.empty = empty
     return result
@@ -324,9 +326,9 @@ def check_state_range(res: dict):
 
 
 def test_gpu_tile_configs_in_the_interpreter(interpreted):
-    """The 64-row past tiles of blocks <= 128 run in CI too; NaN-poisoned buffers would show unwritten reads."""
+    """The GPU's configs of blocks <= 128 run in CI too; NaN-poisoned buffers would show unwritten reads."""
     res = interpreted["gpu_tiles"]
-    assert set(res) == {"64 64 float32", "64 64 float16", "128 64 float32", "128 64 float16"}, res
+    assert set(res) == {"64 float32", "64 float16", "128 float32", "128 float16"}, res
     for key, err in res.items():
         assert err < (FP32_TOL if key.endswith("float32") else 4 * 2.0 ** -11), res
 

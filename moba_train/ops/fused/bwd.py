@@ -70,9 +70,9 @@ def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Ten
     dq_sum, dq_scale = row_sums(*q.shape, sum_dtype, q.device)
     past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
     for slot in range(routes.n_slots):
-        tile0, n_tiles = routes.slot(slot)
-        dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, lse, delta, dq_sum, dq_scale, routes.rows, routes.tiles,
+        tile0, n_tiles = routes.dq.slot(slot)
+        dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, lse, delta, dq_sum, dq_scale, routes.rows, routes.dq.table,
                                    tile0, layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks,
                                    D=q.shape[-1], FIRST=slot == 0, SCALED=is_scaled(sum_dtype), PREC=prec,
-                                   BLOCK_M=routes.tile_m, **launch)
+                                   BLOCK_M=routes.dq.rows, **launch)
     return dq_sum, dq_scale

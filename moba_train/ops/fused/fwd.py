@@ -1,9 +1,10 @@
 """Forward: selected past blocks key-block-major, then the causal own block query-major, one online softmax.
 
-Past pass: one launch per slot; a program takes a tile of rows routed to one (block, KV head), gathers their
-queries by index, streams the block's keys once for the whole tile, and continues each row's running softmax
-state (acc, max, sum) from the previous slot. Within a launch a row appears once, so the update needs no
-atomics. Own-block pass: contiguous query tiles per query head, causal inside the block, starting from the
+Past pass: one launch per slot; a program takes an entry of rows routed to one (block, KV head), gathers their
+queries by index and continues each row's running softmax state (acc, max, sum) from the previous slot: one
+tile whose block's keys stream in chunks (`_past_kernel`), or, for blocks of at most 128 keys, the whole block
+held while the entry's rows pass in tiles (`_past_block_kernel`). Within a launch a row appears once, so the
+update needs no atomics. Own-block pass: contiguous query tiles per query head, causal inside the block, starting from the
 rows' running state; it normalises and writes out and the LSE (natural log) the backward needs. Between
 launches acc lives in memory as `state.py` keeps it (fp16 with a row scale for bf16/fp16 inputs); max and sum
 stay fp32.
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_train.ops.fused.layout import Layout, own_tile, past_tile
+from moba_train.ops.fused.layout import Layout, own_tile, past_item, past_tile
 from moba_train.ops.fused.routing import Routes
 from moba_train.ops.fused.state import is_scaled, load_rows_sum, row_sums, state_dtype, store_rows_sum
 from moba_train.ops.fused.tiles import kv_desc, tiles
@@ -23,11 +24,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr, MASKED: tl.constexpr,
-          PREC: tl.constexpr):
-    """Online softmax over the chunk of keys from token key0 (TMA loads); `live` masks scores when MASKED."""
-    k = Kd.load([key0, hk * D])
-    v = Vd.load([key0, hk * D])
+def _update(q, k, v, live, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over one chunk of keys k, v; `live` masks scores when MASKED."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASKED:
         s = tl.where(live, s, float("-inf"))
@@ -39,25 +37,48 @@ def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr,
     return m_new, l_i, acc
 
 
+@triton.jit
+def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr, MASKED: tl.constexpr,
+          PREC: tl.constexpr):
+    """`_update` over the chunk of keys from token key0 (TMA loads)."""
+    return _update(q, Kd.load([key0, hk * D]), Vd.load([key0, hk * D]), live, m_i, l_i, acc, scale_log2, MASKED,
+                   PREC)
+
+
+@triton.jit
+def _load_state(Acc, Scale, M, L, rows, mask_m, D: tl.constexpr, BLOCK_M: tl.constexpr, FIRST: tl.constexpr,
+                SCALED: tl.constexpr):
+    """A past slot's starting state of its rows: empty at slot 0, else the previous slot's (finite: every row
+    routed here met an earlier slot)."""
+    if FIRST:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+    else:
+        m_i = tl.load(M + rows, mask=mask_m, other=0.0)
+        l_i = tl.load(L + rows, mask=mask_m, other=0.0)
+        acc = load_rows_sum(Acc, Scale, rows, mask_m, D, SCALED)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_state(Acc, Scale, M, L, rows, mask_m, m_i, l_i, acc, D: tl.constexpr, SCALED: tl.constexpr):
+    store_rows_sum(Acc, Scale, rows, mask_m, acc, D, SCALED)
+    tl.store(M + rows, m_i, mask=mask_m)
+    tl.store(L + rows, l_i, mask=mask_m)
+
+
 # tile0 and NB change with the batch's packing: unspecialised, a later step never compiles another variant
 @triton.jit(do_not_specialize=["tile0", "NB"])
 def _past_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                  D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tile0 + tl.program_id(0)
-    hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-
-    if FIRST:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-    else:  # resume the row's running state (finite: every row here met an earlier slot); loaded up front, the
-        # loads overlap the key chunks' instead of waiting behind the products
-        m_i = tl.load(M + rows, mask=mask_m, other=0.0)
-        l_i = tl.load(L + rows, mask=mask_m, other=0.0)
-        acc = load_rows_sum(Acc, Scale, rows, mask_m, D, SCALED)
+    """One tile of rows, the block's keys streamed in chunks of BLOCK_N."""
+    hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile0 + tl.program_id(0), NB,
+                                                 BLOCK_M)
+    q = tl.load(Q + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask_m[:, None], other=0.0)
+    # the state loads go out before the key loop, where they overlap the key chunks' loads and products
+    m_i, l_i, acc = _load_state(Acc, Scale, M, L, rows, mask_m, D, BLOCK_M, FIRST, SCALED)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):  # whole chunks: no mask
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
@@ -65,9 +86,29 @@ def _past_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart, BlkL
         offs_n = full + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + full, (offs_n < k_len)[None, :], hk, m_i, l_i, acc, scale_log2,
                               D, True, PREC)
-    store_rows_sum(Acc, Scale, rows, mask_m, acc, D, SCALED)
-    tl.store(M + rows, m_i, mask=mask_m)
-    tl.store(L + rows, l_i, mask=mask_m)
+    _store_state(Acc, Scale, M, L, rows, mask_m, m_i, l_i, acc, D, SCALED)
+
+
+@triton.jit(do_not_specialize=["tile0", "NB"])
+def _past_block_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
+                       D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Blocks of at most BLOCK_N keys: the block's K and V are loaded once, then the entry's rows are walked in
+    tiles of BLOCK_M, so the loop pipeliner fetches the next tile's gathered rows while this one computes."""
+    r0, n_rows, hk, k_start, k_len = past_item(Tiles, BlkStart, BlkLen, tile0 + tl.program_id(0), NB)
+    if n_rows == 0:  # a reserved, unused entry: no K/V load
+        return
+    k = Kd.load([k_start, hk * D])
+    v = Vd.load([k_start, hk * D])
+    live = (tl.arange(0, BLOCK_N) < k_len)[None, :]
+    for m0 in range(0, n_rows, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n_rows
+        rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask_m[:, None], other=0.0)
+        m_i, l_i, acc = _load_state(Acc, Scale, M, L, rows, mask_m, D, BLOCK_M, FIRST, SCALED)
+        m_i, l_i, acc = _update(q, k, v, live, m_i, l_i, acc, scale_log2, True, PREC)
+        _store_state(Acc, Scale, M, L, rows, mask_m, m_i, l_i, acc, D, SCALED)
 
 
 @triton.jit
@@ -117,12 +158,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
         acc, acc_scale = row_sums(tokens, hq, dim, acc_dtype, q.device)
         m = torch.full((tokens, hq), float("-inf"), device=q.device, dtype=torch.float32)
         l_sum = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
-        past_k, past_v = kv_desc(k, cfg["past"]["BLOCK_N"]), kv_desc(v, cfg["past"]["BLOCK_N"])
+        entries = routes.fwd
+        kernel, launch = ((_past_block_kernel, cfg["past"]) if cfg["whole_block"] else
+                          (_past_kernel, {**cfg["past"], "BLOCK_M": entries.rows}))
+        past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
         for slot in range(routes.n_slots):
-            tile0, n_tiles = routes.slot(slot)
-            _past_kernel[(n_tiles,)](q, past_k, past_v, acc, acc_scale, m, l_sum, routes.rows, routes.tiles, tile0,
-                                     layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
-                                     FIRST=slot == 0, SCALED=scaled, PREC=prec, BLOCK_M=routes.tile_m, **cfg["past"])
+            tile0, n_tiles = entries.slot(slot)
+            kernel[(n_tiles,)](q, past_k, past_v, acc, acc_scale, m, l_sum, routes.rows, entries.table, tile0,
+                               layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
+                               FIRST=slot == 0, SCALED=scaled, PREC=prec, **launch)
     else:
         acc = acc_scale = m = l_sum = lse  # unread placeholders
     own_cfg = {**cfg["own"], "BLOCK_N": min(cfg["own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0

@@ -95,14 +95,22 @@ def own_tile(QTiles, BlkStart, BlkLen, HQ: tl.constexpr, HKV: tl.constexpr, BLOC
 
 
 @triton.jit
-def past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M: tl.constexpr):
-    """Kernel side of `Routes.tiles`: (KV head, first key and length of the block, mask, row ids) of a row tile."""
+def past_item(Tiles, BlkStart, BlkLen, tile, NB):
+    """Kernel side of one `Routes.tiles` entry: (first row in Rows, row count, KV head, first key and length of
+    the block; length 0 for a reserved, unused entry, which then walks no keys)."""
     r0 = tl.load(Tiles + 3 * tile)
     n_rows = tl.load(Tiles + 3 * tile + 1)
     pair = tl.load(Tiles + 3 * tile + 2)
     gb = pair % NB
+    k_len = tl.where(n_rows > 0, tl.load(BlkLen + gb), 0)
+    return r0, n_rows, pair // NB, tl.load(BlkStart + gb), k_len
+
+
+@triton.jit
+def past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M: tl.constexpr):
+    """A `Routes.tiles` entry of at most BLOCK_M rows: (KV head, first key and length of the block, mask, row ids)."""
+    r0, n_rows, hk, k_start, k_len = past_item(Tiles, BlkStart, BlkLen, tile, NB)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows
     rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
-    k_len = tl.where(n_rows > 0, tl.load(BlkLen + gb), 0)  # a reserved, unused tile walks no keys
-    return pair // NB, tl.load(BlkStart + gb), k_len, mask_m, rows
+    return hk, k_start, k_len, mask_m, rows

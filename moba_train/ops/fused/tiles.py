@@ -19,18 +19,27 @@ def kv_desc(x: Tensor, block_n: int) -> TensorDescriptor:
 
 
 def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -> dict:
-    if interpret:  # kv: rows < keys on purpose, so CI covers the diagonal walk with more than one row tile
-        return {"past_rows": 16, "past": {"BLOCK_N": 16}, "own": {"BLOCK_N": 16},
-                "kv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_past": {"BLOCK_N": 16}, "dq_own": {"BLOCK_N": 16}}
+    """Launch configs per pass. Routing entries: the forward's past pass takes up to `past_rows` rows per program,
+    dQ's past pass `dq_rows`. `whole_block`: the forward's past programs hold their block's K and V (blocks of at
+    most 128 keys) and walk the entry's rows in tiles of BLOCK_M; otherwise an entry is one tile and the block's
+    keys stream in chunks of BLOCK_N."""
+    if interpret:  # kv: rows < keys on purpose, so CI covers the diagonal walk with more than one row tile;
+        # blocks <= 32 take the whole-block forward with two row tiles per entry, larger ones the tiled one
+        whole = block_size <= 32
+        return {"past_rows": 32 if whole else 16, "dq_rows": 16, "whole_block": whole,
+                "past": {"BLOCK_M": 16, "BLOCK_N": _whole(block_size)} if whole else {"BLOCK_N": 16},
+                "own": {"BLOCK_N": 16}, "kv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_past": {"BLOCK_N": 16},
+                "dq_own": {"BLOCK_N": 16}}
     width = dim * elem_bytes
     if width <= 256:
         wide_keys = block_size >= 128  # 128-key chunks would half-mask 64-token blocks
-        # a past-pass program of a block <= 128 walks one or two key chunks: bound by the latency of its row
-        # gathers, so 64-row tiles in one warp group, two programs per SM, hide one's loads behind the other's work
+        # a block <= 128 is one or two key chunks: a forward program that took one row tile per block mostly
+        # moved rows and reloaded the block; holding the block over a long entry reloads it less. dQ's past pass
+        # lost that way (two programs per SM became one), so it keeps 64-row tiles, two programs per SM.
         fine = block_size <= 128
         return {
-            "past_rows": 64 if fine else 128,
-            "past": ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3} if fine else
+            "past_rows": 512 if fine else 128, "dq_rows": 64 if fine else 128, "whole_block": fine,
+            "past": ({"BLOCK_M": 64, "BLOCK_N": _whole(block_size), "num_warps": 4, "num_stages": 3} if fine else
                      {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
             "own": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 8, "num_stages": 3},
             "kv": ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8,
@@ -41,8 +50,14 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
             "dq_own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
         }
-    return {"past_rows": 128, "past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    return {"past_rows": 128, "dq_rows": 128, "whole_block": False,
+            "past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
             "own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
             "kv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
             "dq_past": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
             "dq_own": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}}
+
+
+def _whole(block_size: int) -> int:
+    """Key chunk holding a whole block: the block padded to a power of two (at least 16, tl.dot's minimum)."""
+    return max(16, 1 << (block_size - 1).bit_length())
