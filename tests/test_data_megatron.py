@@ -158,6 +158,11 @@ def test_blend_strings():
     assert parse_blend("2024") == (["2024"], None)  # one prefix, whatever its name
     with pytest.raises(UserError, match=r"alternates weights and prefixes .*got 3 entries"):
         parse_blend("0.3 /d/a 0.7")  # a weight without its prefix was read as a prefix named 0.3
+    with pytest.raises(UserError, match=r"alternates weights and prefixes .*got 4 entries"):
+        parse_blend("0.3 /d/a /d/b 0.7")  # weight and prefix swapped: was read as four prefixes, one named 0.3
+    for weights in ("nan /d/a 1 /d/b", "inf /d/a 1 /d/b", "-1 /d/a 2 /d/b", "0 /d/a 0 /d/b"):
+        with pytest.raises(UserError, match="blend weights must be finite"):
+            parse_blend(weights)
 
 
 def test_missing_and_corrupt_dataset_files(corpus, tmp_path):

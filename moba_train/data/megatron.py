@@ -46,26 +46,28 @@ class DatasetFileError(UserError):
 
 
 def parse_blend(path: str) -> tuple[list[str], Optional[list[float]]]:
-    """Megatron blend string -> (prefixes, weights or None)."""
+    """Megatron blend string -> (prefixes, weights or None). Entries led by a number are a blend and must
+    alternate weights and prefixes; otherwise they are prefixes (one entry is a prefix, whatever its name)."""
     parts = str(path).split()
     if not parts:
         raise UserError("data.path is empty")
-    if len(parts) % 2 == 0:
-        try:
-            weights = [float(w) for w in parts[0::2]]
-        except ValueError:
-            return parts, None
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise UserError(f"data.path={path!r}: blend weights must be >= 0 with a positive sum")
-        return parts[1::2], weights
-    if len(parts) == 1:
+    if len(parts) == 1 or not _is_number(parts[0]):
         return parts, None
-    try:  # three or more entries led by a weight: a blend missing a prefix, not a list of prefixes
-        float(parts[0])
+    if len(parts) % 2 or not all(map(_is_number, parts[0::2])):
+        raise UserError(f"data.path={path!r}: a blend alternates weights and prefixes ('0.3 /data/a 0.7 /data/b'); "
+                        f"got {len(parts)} entries")
+    weights = [float(w) for w in parts[0::2]]
+    if not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:  # NaN fails the first test too
+        raise UserError(f"data.path={path!r}: blend weights must be finite, >= 0, with a positive sum")
+    return parts[1::2], weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
     except ValueError:
-        return parts, None
-    raise UserError(f"data.path={path!r}: a blend alternates weights and prefixes ('0.3 /data/a 0.7 /data/b'); "
-                    f"got {len(parts)} entries")
+        return False
+    return True
 
 
 def check_indexed(prefix: str) -> tuple[int, int]:
