@@ -73,11 +73,12 @@ def main():
 
     tile_m = 128
     past = {"D": args.dim, "PREC": prec, "FIRST": False, "SCALED": scaled}
-    fwd_past = ((fwd._past_block_kernel, past) if cfg["whole_block"] else
-                (fwd._past_kernel, {**past, "BLOCK_M": cfg["past_rows"]}))
+    state = {"REC": fwd.STATE_REC}
+    fwd_past = ((fwd._past_block_kernel, {**past, **state}) if cfg["whole_block"] else
+                (fwd._past_kernel, {**past, **state, "BLOCK_M": cfg["past_rows"]}))
     cases = [
         ("forward past", *fwd_past, cfg["past"]),
-        ("forward own", fwd._own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
+        ("forward own", fwd._own_kernel, {**heads, **state, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["own"]),
         ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
         ("dQ past", bwd_q.dq_past_kernel, {**past, "BLOCK_M": cfg["dq_rows"]}, cfg["dq_past"]),

@@ -117,8 +117,8 @@ def fp16_state() -> dict:
 def _sums_roundtrip(X, Sums, Scale, Y, N: tl.constexpr, D: tl.constexpr):
     rows = tl.arange(0, N)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    store_rows_sum(Sums, Scale, rows, rows < N, tl.load(X + ptrs), D, True)
-    tl.store(Y + ptrs, load_rows_sum(Sums, Scale, rows, rows < N, D, True))
+    store_rows_sum(Sums, Scale, rows, rows < N, tl.load(X + ptrs), D, True, 1)
+    tl.store(Y + ptrs, load_rows_sum(Sums, Scale, rows, rows < N, D, True, 1))
 
 
 def state_range(device: str = "cpu") -> dict:
@@ -353,5 +353,6 @@ def means_parts() -> dict:
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
-                      "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(), "state_range": state_range(),
-                      "gpu_tiles": gpu_tiles(), "zero_rows": zero_rows_case(), "double_backward_refused": double_backward_refused()}))
+                      "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(),
+                      "state_range": state_range(), "gpu_tiles": gpu_tiles(), "zero_rows": zero_rows_case(),
+                      "double_backward_refused": double_backward_refused()}))

@@ -48,7 +48,7 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
     if FIRST:
         dq = tl.zeros([BLOCK_M, D], tl.float32)
     else:  # every row here met an earlier slot; loaded up front, where the load overlaps the key chunks'
-        dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED)
+        dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, 1)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, False, PREC)
@@ -56,7 +56,7 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
         offs = full + tl.arange(0, BLOCK_N)
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + full, (offs < k_len)[None, :], hk, D, scale_log2,
                        True, PREC)
-    store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED)
+    store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, 1)
 
 
 @triton.jit
@@ -77,6 +77,6 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, DQ, QTiles, BlkStar
     if HAS_PAST:  # rows of a document's first block have no past part (DQsum never written there)
         # compared as a vector: a scalar condition broadcast into the mask fails in the interpreter
         live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))
-        dq += load_rows_sum(DQsum, DQscale, rows, live, D, SCALED)
+        dq += load_rows_sum(DQsum, DQscale, rows, live, D, SCALED, 1)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])

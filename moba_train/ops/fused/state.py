@@ -30,22 +30,23 @@ def row_sums(tokens: int, heads: int, dim: int, dtype: torch.dtype, device) -> t
 
 
 @triton.jit
-def load_rows_sum(Sums, Scale, rows, mask, D: tl.constexpr, SCALED: tl.constexpr):
-    """fp32 [rows, D]; masked rows read 0."""
+def load_rows_sum(Sums, Scale, rows, mask, D: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr):
+    """fp32 [rows, D]; masked rows read 0. A row's scale is at Scale + row * REC (REC > 1: one field of a
+    per-row record, so the row's other fields share its 32-byte sector)."""
     offs_d = tl.arange(0, D)
     acc = tl.load(Sums + rows[:, None] * D + offs_d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     if SCALED:
-        acc = acc * tl.load(Scale + rows, mask=mask, other=1.0)[:, None]
+        acc = acc * tl.load(Scale + rows * REC, mask=mask, other=1.0)[:, None]
     return acc
 
 
 @triton.jit
-def store_rows_sum(Sums, Scale, rows, mask, acc, D: tl.constexpr, SCALED: tl.constexpr):
+def store_rows_sum(Sums, Scale, rows, mask, acc, D: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr):
     offs_d = tl.arange(0, D)
     if SCALED:  # a power of two >= the row's largest |entry| (floored at the smallest normal: zero rows), at
         # most 2^127: fp32 has no 2^128, and |sum / 2^127| < 2 still fits fp16
         big = tl.maximum(tl.max(tl.abs(acc), 1), 1.1754943508222875e-38)
         scale = tl.math.exp2(tl.minimum(tl.math.ceil(tl.math.log2(big)), 127.0))
-        tl.store(Scale + rows, scale, mask=mask)
+        tl.store(Scale + rows * REC, scale, mask=mask)
         acc = acc * (1.0 / scale)[:, None]
     tl.store(Sums + rows[:, None] * D + offs_d[None, :], acc.to(Sums.dtype.element_ty), mask=mask[:, None])
