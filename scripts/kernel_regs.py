@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from moba_train.ops.fused import bwd_kv, bwd_q, fwd, gate
+from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate
 from moba_train.ops.fused.tiles import tiles
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
@@ -73,16 +73,16 @@ def main():
 
     tile_m = 128
     past = {"D": args.dim, "PREC": prec, "FIRST": False, "SCALED": scaled}
-    state = {"REC": fwd.STATE_REC}
+    state, records = {"REC": fwd.STATE_REC}, {"REC": bwd.ROW_REC}
     fwd_past = ((fwd._past_block_kernel, {**past, **state}) if cfg["whole_block"] else
                 (fwd._past_kernel, {**past, **state, "BLOCK_M": cfg["past_rows"]}))
     cases = [
         ("forward past", *fwd_past, cfg["past"]),
         ("forward own", fwd._own_kernel, {**heads, **state, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["own"]),
-        ("dK/dV", bwd_kv.kv_kernel, heads, cfg["kv"]),
-        ("dQ past", bwd_q.dq_past_kernel, {**past, "BLOCK_M": cfg["dq_rows"]}, cfg["dq_past"]),
-        ("dQ own", bwd_q.dq_own_kernel, {**heads, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
+        ("dK/dV", bwd_kv.kv_kernel, {**heads, **records}, cfg["kv"]),
+        ("dQ past", bwd_q.dq_past_kernel, {**past, **records, "BLOCK_M": cfg["dq_rows"]}, cfg["dq_past"]),
+        ("dQ own", bwd_q.dq_own_kernel, {**heads, **records, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["dq_own"]),
     ]
     print(f"sm_90a, triton {triton.__version__}, {args.dtype}, D={args.dim}, block {args.block_size}, "

@@ -84,29 +84,29 @@ def tune(name):
         t = ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, both))
         print(name, "fwd own+past", cfg, f"{t:.2f} ms", f"diff {err:.1e}", flush=True)
     out, lse = ref
-    delta = torch.empty(tokens, HQ, device="cuda", dtype=torch.float32)
-    bwd._delta_kernel[((tokens * HQ + 63) // 64,)](out, do, delta, tokens * HQ, D=DIM, BLOCK=64)
+    record = bwd.row_records(out, do, lse)
+    lse_f, delta_f, scale_f = record[..., 0], record[..., 1], record[..., 2]
     base = None
     for cfg in KV:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         chunks = layout.key_chunks(cfg["BLOCK_N"])
         kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
         run = lambda: bwd_kv.kv_kernel[(chunks.shape[0], HKV)](  # noqa: E731
-            q, kd, vd, do, lse, delta, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
-            layout.blk_len, scale, layout.n_blocks, routes.n_slots, HQ=HQ, HKV=HKV, D=DIM, PREC="tf32",
-            **cfg)
+            q, kd, vd, do, lse_f, delta_f, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
+            layout.blk_len, scale, layout.n_blocks, routes.n_slots, HQ=HQ, HKV=HKV, D=DIM, REC=bwd.ROW_REC,
+            PREC="tf32", **cfg)
         t = ms(run)
         base = base or (dk, dv)
         print(name, "bwd kv", cfg, f"{t:.2f} ms", f"diff {diff((dk, dv), base):.1e}", flush=True)
     dq = torch.empty_like(q)
     for cfg in DQ:
         kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
-        t1, (dq_sum, dq_scale) = cuda_ms(lambda: bwd.dq_past(do, q, k, v, lse, delta, layout, routes, scale, "tf32",
-                                                            cfg, torch.float16))
+        t1, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32", cfg,
+                                                 torch.float16))
         t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
-            q, kd, vd, do, lse, delta, dq_sum, dq_scale, dq, layout.q_tiles, layout.blk_start, layout.blk_len,
-            layout.blk_local, scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, SCALED=True, PREC="tf32",
-            BLOCK_M=layout.tile_m, **cfg))
+            q, kd, vd, do, lse_f, delta_f, dq_sum, scale_f, dq, layout.q_tiles, layout.blk_start, layout.blk_len,
+            layout.blk_local, scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, SCALED=True, REC=bwd.ROW_REC,
+            PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
     routes = build_routes(idx, layout, HKV, default)
     t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))

@@ -179,8 +179,8 @@ def test_fused_op_compiles_once_across_packings():
     new kernel variant: a later training step never stalls on a compile."""
     from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate, means
 
-    kernels = (fwd._past_kernel, fwd._own_kernel, bwd._delta_kernel, bwd_kv.kv_kernel, bwd_q.dq_past_kernel,
-               bwd_q.dq_own_kernel, gate._gate_kernel, means._means_kernel)
+    kernels = (fwd._past_kernel, fwd._past_block_kernel, fwd._own_kernel, bwd._rows_kernel, bwd_kv.kv_kernel,
+               bwd_q.dq_past_kernel, bwd_q.dq_own_kernel, gate._gate_kernel, means._means_kernel)
     hq, hkv, dim, block_size, top_k = 8, 2, 128, 64, 3
     counts = []
     for lengths in ((1000, 3000, 517), (65,) * 9 + (3932,)):  # 72 then 80 blocks, 4517 tokens each

@@ -14,20 +14,34 @@ from moba_train.ops.fused.bwd_kv import kv_kernel
 from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_kernel
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
-from moba_train.ops.fused.state import is_scaled, row_sums, state_dtype
+from moba_train.ops.fused.state import is_scaled, state_dtype
 from moba_train.ops.fused.tiles import kv_desc, tiles
 
 LOG2E = 1.4426950408889634
 
 
+ROW_REC = 4  # fields per row of the backward's record: lse, delta = rowsum(dO * O), dQ's past-sum scale, padding
+
+
 @triton.jit
-def _delta_kernel(Out, DOut, Delta, n_rows, D: tl.constexpr, BLOCK: tl.constexpr):
+def _rows_kernel(Out, DOut, Lse, Rec, n_rows, D: tl.constexpr, BLOCK: tl.constexpr, REC: tl.constexpr):
+    """Each row's record: lse (copied) and delta; the scale field is dQ's past pass's to write."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_rows
     ptrs = offs.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
     o = tl.load(Out + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
     do = tl.load(DOut + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + offs, tl.sum(o * do, 1), mask=mask)
+    tl.store(Rec + offs * REC, tl.load(Lse + offs, mask=mask), mask=mask)
+    tl.store(Rec + offs * REC + 1, tl.sum(o * do, 1), mask=mask)
+
+
+def row_records(out: Tensor, do: Tensor, lse: Tensor) -> Tensor:
+    """[T, Hq, ROW_REC] fp32: what the backward reads per row, in one 16-byte record (a gathered row then costs
+    one 32-byte sector, not one per field)."""
+    tokens, hq, dim = out.shape
+    record = torch.empty(tokens, hq, ROW_REC, device=out.device, dtype=torch.float32)
+    _rows_kernel[(triton.cdiv(tokens * hq, 64),)](out, do, lse, record, tokens * hq, D=dim, BLOCK=64, REC=ROW_REC)
+    return record
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Layout, routes: Routes,
@@ -38,41 +52,42 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     cfg = cfg or tiles(layout.block_size, dim, q.element_size(), interpret)
-    delta = torch.empty(tokens, hq, device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(tokens * hq, 64),)](out, do, delta, tokens * hq, D=dim, BLOCK=64)
+    record = row_records(out, do, lse)
+    lse_f, delta_f, scale_f = record[..., 0], record[..., 1], record[..., 2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
     # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
     kv_k, kv_v = kv_desc(k, cfg["kv"]["BLOCK_N"]), kv_desc(v, cfg["kv"]["BLOCK_N"])
-    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, lse, delta, dk, dv, routes.rows, routes.seg_start,
+    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, lse_f, delta_f, dk, dv, routes.rows, routes.seg_start,
                                       chunks, layout.blk_start, layout.blk_len, scale, layout.n_blocks,
-                                      routes.n_slots, HQ=hq, HKV=hkv, D=dim, PREC=prec, **cfg["kv"])
+                                      routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec, **cfg["kv"])
     has_past = routes.n_slots > 0
     sum_dtype = sum_dtype or state_dtype(q.dtype)
-    dq_sum, dq_scale = dq_past(do, q, k, v, lse, delta, layout, routes, scale, prec, cfg["dq_past"], sum_dtype)
+    dq_sum = dq_past(do, q, k, v, record, layout, routes, scale, prec, cfg["dq_past"], sum_dtype)
     dq = torch.empty_like(q)
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
-    dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, lse, delta, dq_sum, dq_scale, dq,
+    dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, lse_f, delta_f, dq_sum, scale_f, dq,
                                                  layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                                                  scale, HQ=hq, HKV=hkv, D=dim, HAS_PAST=has_past,
-                                                 SCALED=has_past and is_scaled(sum_dtype), PREC=prec,
+                                                 SCALED=has_past and is_scaled(sum_dtype), REC=ROW_REC, PREC=prec,
                                                  BLOCK_M=layout.tile_m, **own_cfg)
     return dq, dk, dv
 
 
-def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, layout: Layout, routes: Routes,
-            scale: float, prec: str, launch: dict, sum_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """dQ's past part before the softmax scale, one launch per slot -> (sums, row scales); unread placeholders
-    without past slots."""
+def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Layout, routes: Routes,
+            scale: float, prec: str, launch: dict, sum_dtype: torch.dtype) -> Tensor:
+    """dQ's past part before the softmax scale, one launch per slot -> the sums (their row scales go to the
+    records' third field); an unread placeholder without past slots."""
     if routes.n_slots == 0:
-        return delta, delta
-    dq_sum, dq_scale = row_sums(*q.shape, sum_dtype, q.device)
+        return record
+    dq_sum = torch.empty(q.shape, device=q.device, dtype=sum_dtype)
     past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
     for slot in range(routes.n_slots):
         tile0, n_tiles = routes.dq.slot(slot)
-        dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, lse, delta, dq_sum, dq_scale, routes.rows, routes.dq.table,
-                                   tile0, layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks,
-                                   D=q.shape[-1], FIRST=slot == 0, SCALED=is_scaled(sum_dtype), PREC=prec,
-                                   BLOCK_M=routes.dq.rows, **launch)
-    return dq_sum, dq_scale
+        dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, record[..., 0], record[..., 1], dq_sum, record[..., 2],
+                                   routes.rows, routes.dq.table, tile0, layout.blk_start, layout.blk_len,
+                                   scale * LOG2E, layout.n_blocks, D=q.shape[-1], FIRST=slot == 0,
+                                   SCALED=is_scaled(sum_dtype), REC=ROW_REC, PREC=prec, BLOCK_M=routes.dq.rows,
+                                   **launch)
+    return dq_sum

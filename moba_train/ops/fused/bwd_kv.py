@@ -14,8 +14,8 @@ from moba_train.ops.fused.bwd_q import load_rows
 
 @triton.jit
 def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_log2,
-             D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+             D: tl.constexpr, REC: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # [keys, rows]
     # rows past the end load q = dO = 0 and add nothing; keys past the end are never stored: only causality masks
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -30,7 +30,7 @@ def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_l
 
 @triton.jit(do_not_specialize=["NB"])
 def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB, N_SLOTS,
-              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     chunk = tl.program_id(0)
     hk = tl.program_id(1)
@@ -57,12 +57,12 @@ def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStar
             tok = m0 + tl.arange(0, BLOCK_M)
             mask_m = tok < t_end
             dk, dv = _kv_step(Q, DO, Lse, Delta, tok.to(tl.int64) * HQ + head, mask_m, tok, k, v, dk, dv, offs_n,
-                              scale_log2, D, True, PREC)
+                              scale_log2, D, REC, True, PREC)
         for m0 in range(n0 + diag, t_end, BLOCK_M):
             tok = m0 + tl.arange(0, BLOCK_M)
             mask_m = tok < t_end
             dk, dv = _kv_step(Q, DO, Lse, Delta, tok.to(tl.int64) * HQ + head, mask_m, tok, k, v, dk, dv, offs_n,
-                              scale_log2, D, False, PREC)
+                              scale_log2, D, REC, False, PREC)
     # later blocks that selected this one
     lo = tl.load(SegStart + (hk * NB + gb) * N_SLOTS)
     hi = tl.load(SegStart + (hk * NB + gb + 1) * N_SLOTS)
@@ -70,7 +70,7 @@ def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStar
         offs_r = r0 + tl.arange(0, BLOCK_M)
         mask_m = offs_r < hi
         rows = tl.load(Rows + offs_r, mask=mask_m, other=0).to(tl.int64)
-        dk, dv = _kv_step(Q, DO, Lse, Delta, rows, mask_m, offs_r, k, v, dk, dv, offs_n, scale_log2, D, False,
-                          PREC)
+        dk, dv = _kv_step(Q, DO, Lse, Delta, rows, mask_m, offs_r, k, v, dk, dv, offs_n, scale_log2, D, REC,
+                          False, PREC)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])

@@ -29,26 +29,27 @@ def _dq_chunk(q, do, lse, delta, dq, Kd, Vd, key0, live, hk, D: tl.constexpr, sc
 
 
 @triton.jit
-def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr):
+def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr, REC: tl.constexpr):
+    """q, dO, lse (base 2) and delta of the rows; lse and delta are fields of a per-row record REC floats wide."""
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
     do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
-    lse = tl.load(Lse + rows, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + rows, mask=mask_m, other=0.0)
+    lse = tl.load(Lse + rows * REC, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + rows * REC, mask=mask_m, other=0.0)
     return q, do, lse, delta
 
 
 @triton.jit(do_not_specialize=["tile0", "NB"])
 def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
-                   D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr,
+                   D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
-    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
     if FIRST:
         dq = tl.zeros([BLOCK_M, D], tl.float32)
     else:  # every row here met an earlier slot; loaded up front, where the load overlaps the key chunks'
-        dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, 1)
+        dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, REC)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, False, PREC)
@@ -56,15 +57,15 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
         offs = full + tl.arange(0, BLOCK_N)
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + full, (offs < k_len)[None, :], hk, D, scale_log2,
                        True, PREC)
-    store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, 1)
+    store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, REC)
 
 
 @triton.jit
 def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, DQ, QTiles, BlkStart, BlkLen, BlkLocal, scale,
                   HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, SCALED: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  REC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     hk, t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, HQ, HKV, BLOCK_M)
-    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile (tile_m % BLOCK_N == 0)
@@ -77,6 +78,6 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, DQ, QTiles, BlkStar
     if HAS_PAST:  # rows of a document's first block have no past part (DQsum never written there)
         # compared as a vector: a scalar condition broadcast into the mask fails in the interpreter
         live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))
-        dq += load_rows_sum(DQsum, DQscale, rows, live, D, SCALED, 1)
+        dq += load_rows_sum(DQsum, DQscale, rows, live, D, SCALED, REC)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])

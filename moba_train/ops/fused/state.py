@@ -23,12 +23,6 @@ def is_scaled(dtype: torch.dtype) -> bool:
     return dtype != torch.float32
 
 
-def row_sums(tokens: int, heads: int, dim: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
-    """(sums [T, H, D] of `dtype`, their row scales [T, H] fp32; the sums themselves stand in when unscaled)."""
-    sums = torch.empty(tokens, heads, dim, device=device, dtype=dtype)
-    return sums, torch.empty(tokens, heads, device=device, dtype=torch.float32) if is_scaled(dtype) else sums
-
-
 @triton.jit
 def load_rows_sum(Sums, Scale, rows, mask, D: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr):
     """fp32 [rows, D]; masked rows read 0. A row's scale is at Scale + row * REC (REC > 1: one field of a
