@@ -2,16 +2,14 @@
 
 A row meets each slot's launch at most once, so a launch reads a row's sum, adds its block and writes it back
 with no atomics, and the result is bitwise deterministic. For bf16 and fp16 inputs the sum is kept as fp16
-times a per-row power-of-two scale (|sum / scale| <= 1, < 2 in fp32's last binade, so any finite sum fits): half the
-bytes of fp32, which is most of a fine-block slot's time, at a rounding per slot of at most 2^-12 of the scale
-(< 2^-11 of the row's largest entry): an eighth of a bf16 rounding of that entry, about one fp16 rounding.
-Other inputs keep fp32 sums.
+times a per-row power-of-two scale (|sum / scale| <= 1, < 2 in fp32's last binade, so any finite sum fits):
+half the bytes of fp32, which is most of a fine-block slot's time, at a rounding per slot of at most 2^-12 of
+the scale (< 2^-11 of the row's largest entry): an eighth of a bf16 rounding of that entry, about one fp16
+rounding. Other inputs keep fp32 sums. The scale is a field of the pass's per-row record (fwd.py, bwd.py).
 """
-
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
