@@ -113,8 +113,8 @@ def stages(q, k, v, cu, block_size, top_k, scale):
     the own-block pass alone, and the rest of the forward (past-block passes with the running-state traffic)."""
     layout_ms, layout = cuda_ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
     gate_ms, idx = cuda_ms(lambda: select(q, k, layout, top_k))
-    cfg = tiles(block_size, q.shape[-1], q.element_size())
-    route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], cfg))
+    rows = tiles(block_size, q.shape[-1], q.element_size())["past_rows"]
+    route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], rows))
     no_past = routes.own_only()
     own_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, no_past, scale, False))
     attn_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, routes, scale, False))

@@ -21,6 +21,7 @@ from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate
 from moba_train.ops.fused.tiles import tiles
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
+RECORD_FIELDS = {"L", "Scale", "Delta", "DQscale"}  # views of a per-row record at 4 or 8 bytes past 16-byte alignment
 
 
 def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int) -> tuple[int, int, int]:
@@ -28,7 +29,7 @@ def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int) -
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         signature[name] = "constexpr" if name in consts else types[name]
-        if signature[name].startswith("*"):
+        if signature[name].startswith("*") and name not in RECORD_FIELDS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -74,6 +75,8 @@ def main():
     tile_m = 128
     past = {"D": args.dim, "PREC": prec, "FIRST": False, "SCALED": scaled}
     state, records = {"REC": fwd.STATE_REC}, {"REC": bwd.ROW_REC}
+    dq_past = ((bwd_q.dq_past_block_kernel, {**past, **records}) if cfg["whole_block"] else
+               (bwd_q.dq_past_kernel, {**past, **records, "BLOCK_M": cfg["past_rows"]}))
     fwd_past = ((fwd._past_block_kernel, {**past, **state}) if cfg["whole_block"] else
                 (fwd._past_kernel, {**past, **state, "BLOCK_M": cfg["past_rows"]}))
     cases = [
@@ -81,7 +84,7 @@ def main():
         ("forward own", fwd._own_kernel, {**heads, **state, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["own"]),
         ("dK/dV", bwd_kv.kv_kernel, {**heads, **records}, cfg["kv"]),
-        ("dQ past", bwd_q.dq_past_kernel, {**past, **records, "BLOCK_M": cfg["dq_rows"]}, cfg["dq_past"]),
+        ("dQ past", *dq_past, cfg["dq_past"]),
         ("dQ own", bwd_q.dq_own_kernel, {**heads, **records, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["dq_own"]),
     ]

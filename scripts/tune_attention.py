@@ -65,12 +65,13 @@ def tune(name):
         print(name, "gate", cfg, f"{ms(lambda: gate.select(q, k, layout, top_k, cfg)):.2f} ms", "same" if same
               else "DIFFERENT", flush=True)
     default = tiles(block_size, DIM, 2)
-    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, default)):.2f} ms", flush=True)
+    rows = default["past_rows"]
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, rows)):.2f} ms", flush=True)
     if default["whole_block"]:
-        whole_block(name, q, k, v, layout, idx, scale, default)
+        whole_block(name, q, k, v, do, layout, idx, scale, default)
     # the sweeps below: tiled past passes, one tile of 128 rows per program
-    tiled = {**default, "whole_block": False, "past_rows": 128, "dq_rows": 128}
-    routes = build_routes(idx, layout, HKV, tiled)
+    tiled = {**default, "whole_block": False, "past_rows": 128}
+    routes = build_routes(idx, layout, HKV, 128)
     ref = fwd.forward(q, k, v, layout, routes, scale, False, {**tiled, "past": PAST[0]})
     no_past = routes.own_only()
     for cfg in OWN:
@@ -101,40 +102,46 @@ def tune(name):
     dq = torch.empty_like(q)
     for cfg in DQ:
         kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
-        t1, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32", cfg,
-                                                 torch.float16))
+        t1, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32",
+                                                 {**tiled, "dq_past": cfg}, torch.float16))
         t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
             q, kd, vd, do, lse_f, delta_f, dq_sum, scale_f, dq, layout.q_tiles, layout.blk_start, layout.blk_len,
             layout.blk_local, scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, SCALED=True, REC=bwd.ROW_REC,
             PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
-    routes = build_routes(idx, layout, HKV, default)
+    routes = build_routes(idx, layout, HKV, rows)
     t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))
     print(name, "bwd total (defaults)", f"{t:.2f} ms")
 
 
-# blocks <= 128: the whole-block forward past pass, (rows per entry, launch), against the ninth session's tiled
-# pass (64-row tiles, one per program) on the same inputs
-WHOLE = [(512, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}),
-         (256, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}),
-         (1024, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}),
-         (512, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}),
-         (512, {"BLOCK_M": 32, "num_warps": 4, "num_stages": 4})]
-TILED_FINE = (64, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3})
+# blocks <= 128: whole-block past passes, (rows per entry, forward launch, dQ launch), against the ninth
+# session's tiled passes (64-row tiles, one per program) on the same inputs
+TILED_FINE = (64, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2})
+WHOLE = [(512, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}),
+         (256, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}),
+         (1024, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}),
+         (512, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 1})]
 
 
-def whole_block(name, q, k, v, layout, idx, scale, default):
-    rows, past = TILED_FINE
-    runs = [("tiled", {**default, "whole_block": False, "past_rows": rows, "past": past})]
-    runs += [("whole", {**default, "past_rows": rows, "past": {**launch, "BLOCK_N": default["past"]["BLOCK_N"]}})
-             for rows, launch in WHOLE]
+def whole_block(name, q, k, v, do, layout, idx, scale, default):
+    rows, past, dq = TILED_FINE
+    runs = [("tiled", rows, {**default, "whole_block": False, "past": past, "dq_past": dq})]
+    for rows, past, dq in WHOLE:
+        runs.append(("whole", rows, {**default, "past": {**default["past"], **past},
+                                     "dq_past": {**default["dq_past"], **dq}}))
     ref = None
-    for kind, cfg in runs:
-        routes = build_routes(idx, layout, HKV, cfg)
-        t, res = cuda_ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, cfg))
-        ref = ref or res
-        print(name, f"fwd own+past {kind} rows={cfg['past_rows']}", cfg["past"], f"{t:.2f} ms",
-              f"diff out {diff(res[:1], ref[:1]):.1e} lse {diff(res[1:], ref[1:]):.1e}", flush=True)
+    for kind, rows, cfg in runs:
+        routes = build_routes(idx, layout, HKV, rows)
+        t_fwd, (out, lse) = cuda_ms(lambda: fwd.forward(q, k, v, layout, routes, scale, False, cfg))
+        record = bwd.row_records(out, do, lse)
+        t_dq, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32", cfg,
+                                                  torch.float16))
+        dq = (dq_sum.float() * record[..., 2:3])[routes.rows[:routes.seg_start[-1]].long() // HQ,
+                                                 routes.rows[:routes.seg_start[-1]].long() % HQ]
+        ref = ref or (out, lse, dq)
+        print(name, f"{kind} rows={rows}", cfg["past"], cfg["dq_past"], f"fwd own+past {t_fwd:.2f} ms,",
+              f"dq past {t_dq:.2f} ms, diff out {diff([out], ref[:1]):.1e} lse {diff([lse], ref[1:2]):.1e}",
+              f"dq {diff([dq], ref[2:]):.1e}", flush=True)
 
 
 def routing_only(name):
@@ -144,8 +151,8 @@ def routing_only(name):
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
     layout, idx = selection(q, k, cu, block_size, top_k)
     del q, k
-    cfg = tiles(block_size, DIM, 2)
-    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, cfg), reps=3):.1f} ms", flush=True)
+    rows = tiles(block_size, DIM, 2)["past_rows"]
+    print(name, "routing", f"{ms(lambda: build_routes(idx, layout, HKV, rows), reps=3):.1f} ms", flush=True)
 
 
 def main():
@@ -161,7 +168,7 @@ def main():
         tune(name)
         torch.cuda.empty_cache()
     for kernel in (gate._gate_kernel, fwd._past_kernel, fwd._past_block_kernel, fwd._own_kernel, bwd_kv.kv_kernel,
-                   bwd_q.dq_past_kernel, bwd_q.dq_own_kernel):
+                   bwd_q.dq_past_kernel, bwd_q.dq_past_block_kernel, bwd_q.dq_own_kernel):
         print(kernel.fn.__name__, compiled(kernel))
 
 

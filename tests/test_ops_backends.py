@@ -31,6 +31,7 @@ CASES = [
     ((90, 40), 2, 1, 16, 16, 64),  # the largest top_k the issue asks for
     ((30, 50, 20), 2, 1, 16, 64, 3),  # every document within one block: no past block anywhere
     ((0, 36, 0), 2, 1, 16, 16, 2),  # empty documents (as many blocks as documents, yet block 2 has a past)
+    ((200,), 2, 1, 16, 64, 4),  # the tiled past passes (blocks > 32 here) resuming over three slots
 ]
 FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the reference's largest entry
 
@@ -82,9 +83,10 @@ def zero_rows_case():
 
 def fp16_state() -> dict:
     """The per-row sums between slot launches in fp16 with a row scale (the default for bf16/fp16 inputs: the
-    forward's running acc and dQ's past part) on fp32 inputs, so the reference is tight: per scale of V (1e6
-    would overflow fp16 without the row scale; a zero KV head gives all-zero rows), the error of out and dq
-    relative to their largest entry, with fp32 sums' for comparison."""
+    forward's running acc and dQ's past part) on fp32 inputs, so the reference is tight: per block size (16: the
+    whole-block past passes, 64: the tiled ones, each resuming over several slots) and scale of V (1e6 would
+    overflow fp16 without the row scale; a zero KV head gives all-zero rows), the error of out and dq relative
+    to their largest entry, with fp32 sums' for comparison."""
     from moba_train.ops import moba_attn
     from moba_train.ops.fused.autograd import selection
     from moba_train.ops.fused.bwd import backward
@@ -92,24 +94,25 @@ def fp16_state() -> dict:
     from moba_train.ops.fused.routing import build_routes
     from moba_train.ops.fused.tiles import tiles
 
-    gen = torch.Generator().manual_seed(5)
-    lengths, hq, hkv, dim, block_size, top_k = (96, 70), 4, 2, 16, 16, 5
-    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
-    q, k, v, do = (torch.randn(sum(lengths), h, dim, generator=gen) for h in (hq, hkv, hkv, hq))
-    v[:, 1] = 0.0
-    layout, idx = selection(q, k, cu, block_size, top_k)
-    routes = build_routes(idx, layout, hkv, tiles(block_size, dim, 4, interpret=True))
     result = {}
-    for v_scale in (1.0, 1e6):
-        leaves = [x.double().requires_grad_() for x in (q, k, v * v_scale)]
-        ref = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend="naive")
-        ref_dq, = torch.autograd.grad(ref, leaves[0], do.double())
-        for state in (torch.float32, torch.float16):
-            out, lse = forward(q, k, v * v_scale, layout, routes, dim ** -0.5, True, acc_dtype=state)
-            dq = backward(do, q, k, v * v_scale, out, lse, layout, routes, dim ** -0.5, True, sum_dtype=state)[0]
-            for name, got, want in (("out", out, ref.detach()), ("dq", dq, ref_dq)):
-                err = (got.double() - want).abs().max() / want.abs().max()
-                result[f"{name} {v_scale:g} {str(state)[6:]}"] = float(err)
+    for lengths, block_size in (((96, 70), 16), ((200, 70), 64)):
+        gen = torch.Generator().manual_seed(5)
+        hq, hkv, dim, top_k = 4, 2, 16, 5
+        cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+        q, k, v, do = (torch.randn(sum(lengths), h, dim, generator=gen) for h in (hq, hkv, hkv, hq))
+        v[:, 1] = 0.0
+        layout, idx = selection(q, k, cu, block_size, top_k)
+        routes = build_routes(idx, layout, hkv, tiles(block_size, dim, 4, interpret=True)["past_rows"])
+        for v_scale in (1.0, 1e6):
+            leaves = [x.double().requires_grad_() for x in (q, k, v * v_scale)]
+            ref = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend="naive")
+            ref_dq, = torch.autograd.grad(ref, leaves[0], do.double())
+            for state in (torch.float32, torch.float16):
+                out, lse = forward(q, k, v * v_scale, layout, routes, dim ** -0.5, True, acc_dtype=state)
+                dq = backward(do, q, k, v * v_scale, out, lse, layout, routes, dim ** -0.5, True, sum_dtype=state)[0]
+                for name, got, want in (("out", out, ref.detach()), ("dq", dq, ref_dq)):
+                    err = (got.double() - want).abs().max() / want.abs().max()
+                    result[f"{name} {v_scale:g} {str(state)[6:]} {block_size}"] = float(err)
     return result
 
 
@@ -167,7 +170,7 @@ def gpu_tiles() -> dict:
         cfg = {name: {key: value for key, value in launch.items() if key not in ("num_warps", "num_stages")}
                if isinstance(launch, dict) else launch for name, launch in tiles(block_size, dim, 4).items()}
         layout, idx = selection(q, k, cu, block_size, top_k)
-        routes = build_routes(idx, layout, hkv, cfg)
+        routes = build_routes(idx, layout, hkv, cfg["past_rows"])
         torch.empty = poisoned
         try:
             for state in (torch.float32, torch.float16):
@@ -298,14 +301,15 @@ def test_bf16_parts_of_the_means_add_up_exactly(interpreted):
 
 
 def test_fp16_row_sums_round_at_fp16_precision(interpreted):
-    """Four past slots, each rounding the sum to fp16 under a power-of-two row scale: at most ~4 x 2^-11 of the
+    """Up to four past slots, each rounding the sum to fp16 under a power-of-two row scale: at most ~4 x 2^-11 of the
     largest entry, at V x 1 and V x 1e6 alike (finite, so the scale did its job), while fp32 sums stay at fp32
     precision (the fp16 ones must be measurably rounding: they are what the kernels used)."""
     res = interpreted["fp16_state"]
     for name in ("out", "dq"):
         for v_scale in ("1", "1e+06"):
-            assert res[f"{name} {v_scale} float32"] < FP32_TOL, res
-            assert FP32_TOL < res[f"{name} {v_scale} float16"] < 4 * 2.0 ** -11, res
+            for block_size in (16, 64):
+                assert res[f"{name} {v_scale} float32 {block_size}"] < FP32_TOL, res
+                assert FP32_TOL < res[f"{name} {v_scale} float16 {block_size}"] < 4 * 2.0 ** -11, res
 
 
 def test_fp16_row_sums_cover_fp32s_range(interpreted):

@@ -47,8 +47,8 @@ class MobaAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, block_size, top_k, scale):
         q, k, v = (aligned(x.contiguous()) for x in (q, k, v))
         layout, idx = selection(q, k, cu_seqlens, block_size, top_k)
-        cfg = tiles(block_size, q.shape[-1], q.element_size(), interpreting())
-        routes = build_routes(idx, layout, k.shape[1], cfg)
+        rows = tiles(block_size, q.shape[-1], q.element_size(), interpreting())["past_rows"]
+        routes = build_routes(idx, layout, k.shape[1], rows)
         out, lse = forward(q, k, v, layout, routes, scale, interpreting())
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.routes, ctx.scale = layout, routes, scale

@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moba_train.ops.fused.bwd_kv import kv_kernel
-from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_kernel
+from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_block_kernel, dq_past_kernel
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
 from moba_train.ops.fused.state import is_scaled, state_dtype
@@ -26,9 +26,9 @@ ROW_REC = 4  # fields per row of the backward's record: lse, delta = rowsum(dO *
 @triton.jit
 def _rows_kernel(Out, DOut, Lse, Rec, n_rows, D: tl.constexpr, BLOCK: tl.constexpr, REC: tl.constexpr):
     """Each row's record: lse (copied) and delta; the scale field is dQ's past pass's to write."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = offs < n_rows
-    ptrs = offs.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    ptrs = offs[:, None] * D + tl.arange(0, D)[None, :]
     o = tl.load(Out + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
     do = tl.load(DOut + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
     tl.store(Rec + offs * REC, tl.load(Lse + offs, mask=mask), mask=mask)
@@ -63,7 +63,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
                                       routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec, **cfg["kv"])
     has_past = routes.n_slots > 0
     sum_dtype = sum_dtype or state_dtype(q.dtype)
-    dq_sum = dq_past(do, q, k, v, record, layout, routes, scale, prec, cfg["dq_past"], sum_dtype)
+    dq_sum = dq_past(do, q, k, v, record, layout, routes, scale, prec, cfg, sum_dtype)
     dq = torch.empty_like(q)
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
@@ -76,18 +76,19 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
 
 
 def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Layout, routes: Routes,
-            scale: float, prec: str, launch: dict, sum_dtype: torch.dtype) -> Tensor:
+            scale: float, prec: str, cfg: dict, sum_dtype: torch.dtype) -> Tensor:
     """dQ's past part before the softmax scale, one launch per slot -> the sums (their row scales go to the
     records' third field); an unread placeholder without past slots."""
     if routes.n_slots == 0:
         return record
     dq_sum = torch.empty(q.shape, device=q.device, dtype=sum_dtype)
+    kernel, launch = ((dq_past_block_kernel, cfg["dq_past"]) if cfg["whole_block"] else
+                      (dq_past_kernel, {**cfg["dq_past"], "BLOCK_M": routes.tile_m}))
     past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
     for slot in range(routes.n_slots):
-        tile0, n_tiles = routes.dq.slot(slot)
-        dq_past_kernel[(n_tiles,)](q, past_k, past_v, do, record[..., 0], record[..., 1], dq_sum, record[..., 2],
-                                   routes.rows, routes.dq.table, tile0, layout.blk_start, layout.blk_len,
-                                   scale * LOG2E, layout.n_blocks, D=q.shape[-1], FIRST=slot == 0,
-                                   SCALED=is_scaled(sum_dtype), REC=ROW_REC, PREC=prec, BLOCK_M=routes.dq.rows,
-                                   **launch)
+        tile0, n_tiles = routes.slot(slot)
+        kernel[(n_tiles,)](q, past_k, past_v, do, record[..., 0], record[..., 1], dq_sum, record[..., 2],
+                           routes.rows, routes.tiles, tile0, layout.blk_start, layout.blk_len, scale * LOG2E,
+                           layout.n_blocks, D=q.shape[-1], FIRST=slot == 0, SCALED=is_scaled(sum_dtype), REC=ROW_REC,
+                           PREC=prec, **launch)
     return dq_sum

@@ -1,24 +1,31 @@
 """dQ, query-major over the forward's tiles: each tile of rows recomputes its scores against one block.
 
 Past pass: one launch per slot, like the forward's; the tiles of rows routed to (block, KV head), gathered by
-index, start from the rows' past sum (`state.py`: fp16 with a row scale for bf16/fp16 inputs), accumulate the
-block's part in registers over its keys and write the sum back: no atomics, so dQ is deterministic. Slot 0
-starts from zero (no zero fill). Own-block pass: contiguous causal tiles; it adds the past sum, scales and
-writes dQ in q's dtype.
+index (at blocks <= 128 several tiles per program, the block's K and V held), start from the rows' past sum
+(`state.py`: fp16 with a row scale for bf16/fp16 inputs), accumulate the block's part in registers over its
+keys and write the sum back: no atomics, so dQ is deterministic. Slot 0 starts from zero (no zero fill).
+Own-block pass: contiguous causal tiles; it adds the past sum, scales and writes dQ in q's dtype.
 """
 
 import triton
 import triton.language as tl
 
-from moba_train.ops.fused.layout import own_tile, past_tile
+from moba_train.ops.fused.layout import own_tile, past_item, past_tile
 from moba_train.ops.fused.state import load_rows_sum, store_rows_sum
 
 
 @triton.jit
 def _dq_chunk(q, do, lse, delta, dq, Kd, Vd, key0, live, hk, D: tl.constexpr, scale_log2, MASKED: tl.constexpr,
               PREC: tl.constexpr):
-    k = Kd.load([key0, hk * D])  # TMA: rows past T are zeros, rows past the block are masked below
-    v = Vd.load([key0, hk * D])
+    """`_dq_update` over the chunk of keys from token key0 (TMA: rows past T are zeros, rows past the block are
+    masked by `live`)."""
+    return _dq_update(q, do, lse, delta, dq, Kd.load([key0, hk * D]), Vd.load([key0, hk * D]), live, scale_log2,
+                      MASKED, PREC)
+
+
+@triton.jit
+def _dq_update(q, do, lse, delta, dq, k, v, live, scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """dq + dS K over one chunk of keys k, v."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:  # rows past the end are never stored, so only key tails and causality mask
@@ -58,6 +65,38 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + full, (offs < k_len)[None, :], hk, D, scale_log2,
                        True, PREC)
     store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, REC)
+
+
+@triton.jit(do_not_specialize=["tile0", "NB"])
+def dq_past_block_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2,
+                         NB, D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr,
+                         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """Blocks of at most CHUNKS (1 or 2) chunks of BLOCK_N keys, as the forward's `_past_block_kernel`: the
+    block's K and V loaded once, the entry's rows walked in tiles of BLOCK_M. Kept in chunks of 64 keys, not one
+    128-key tile, so the score tiles leave room for two programs per SM."""
+    r0, n_rows, hk, k_start, k_len = past_item(Tiles, BlkStart, BlkLen, tile0 + tl.program_id(0), NB)
+    if n_rows == 0:  # a reserved, unused entry: no K/V load
+        return
+    k0 = Kd.load([k_start, hk * D])
+    v0 = Vd.load([k_start, hk * D])
+    live0 = (tl.arange(0, BLOCK_N) < k_len)[None, :]
+    if CHUNKS == 2:
+        k1 = Kd.load([k_start + BLOCK_N, hk * D])
+        v1 = Vd.load([k_start + BLOCK_N, hk * D])
+        live1 = (BLOCK_N + tl.arange(0, BLOCK_N) < k_len)[None, :]
+    for m0 in range(0, n_rows, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n_rows
+        rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+        q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
+        if FIRST:
+            dq = tl.zeros([BLOCK_M, D], tl.float32)
+        else:
+            dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, REC)
+        dq = _dq_update(q, do, lse, delta, dq, k0, v0, live0, scale_log2, True, PREC)
+        if CHUNKS == 2:
+            dq = _dq_update(q, do, lse, delta, dq, k1, v1, live1, scale_log2, True, PREC)
+        store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, REC)
 
 
 @triton.jit

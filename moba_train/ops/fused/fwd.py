@@ -162,13 +162,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
         # (rows are gathered, so their fields never share a sector with the next row's)
         record = torch.full((tokens, hq, STATE_REC), float("-inf"), device=q.device, dtype=torch.float32)
         m, l_sum, acc_scale = record[..., 0], record[..., 1], record[..., 2]
-        entries = routes.fwd
         kernel, launch = ((_past_block_kernel, cfg["past"]) if cfg["whole_block"] else
-                          (_past_kernel, {**cfg["past"], "BLOCK_M": entries.rows}))
+                          (_past_kernel, {**cfg["past"], "BLOCK_M": routes.tile_m}))
         past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
         for slot in range(routes.n_slots):
-            tile0, n_tiles = entries.slot(slot)
-            kernel[(n_tiles,)](q, past_k, past_v, acc, acc_scale, m, l_sum, routes.rows, entries.table, tile0,
+            tile0, n_tiles = routes.slot(slot)
+            kernel[(n_tiles,)](q, past_k, past_v, acc, acc_scale, m, l_sum, routes.rows, routes.tiles, tile0,
                                layout.blk_start, layout.blk_len, scale * LOG2E, layout.n_blocks, D=dim,
                                FIRST=slot == 0, SCALED=scaled, REC=STATE_REC, PREC=prec, **launch)
     else:

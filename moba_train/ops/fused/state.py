@@ -4,8 +4,8 @@ A row meets each slot's launch at most once, so a launch reads a row's sum, adds
 with no atomics, and the result is bitwise deterministic. For bf16 and fp16 inputs the sum is kept as fp16
 times a per-row power-of-two scale (|sum / scale| <= 1, < 2 in fp32's last binade, so any finite sum fits):
 half the bytes of fp32, which is most of a fine-block slot's time, at a rounding per slot of at most 2^-12 of
-the scale (< 2^-11 of the row's largest entry): an eighth of a bf16 rounding of that entry, about one fp16
-rounding. Other inputs keep fp32 sums. The scale is a field of the pass's per-row record (fwd.py, bwd.py).
+the scale (2^-11 in the last binade, where the scale is capped), so < 2^-11 of the row's largest entry: an
+eighth of a bf16 rounding of that entry, about one fp16 rounding. Other inputs keep fp32 sums. The scale is a field of the pass's per-row record (fwd.py, bwd.py).
 """
 import torch
 import triton
@@ -35,8 +35,8 @@ def load_rows_sum(Sums, Scale, rows, mask, D: tl.constexpr, SCALED: tl.constexpr
 @triton.jit
 def store_rows_sum(Sums, Scale, rows, mask, acc, D: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr):
     offs_d = tl.arange(0, D)
-    if SCALED:  # a power of two >= the row's largest |entry| (floored at the smallest normal: zero rows), at
-        # most 2^127: fp32 has no 2^128, and |sum / 2^127| < 2 still fits fp16
+    if SCALED:  # the smallest power of two >= the row's largest |entry| (floored at the smallest normal: zero
+        # rows), capped at 2^127: fp32 has no 2^128, and |sum / 2^127| < 2 still fits fp16
         big = tl.maximum(tl.max(tl.abs(acc), 1), 1.1754943508222875e-38)
         scale = tl.math.exp2(tl.minimum(tl.math.ceil(tl.math.log2(big)), 127.0))
         tl.store(Scale + rows * REC, scale, mask=mask)

@@ -19,38 +19,39 @@ def kv_desc(x: Tensor, block_n: int) -> TensorDescriptor:
 
 
 def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -> dict:
-    """Launch configs per pass. Routing entries: the forward's past pass takes up to `past_rows` rows per program,
-    dQ's past pass `dq_rows`. `whole_block`: the forward's past programs hold their block's K and V (blocks of at
-    most 128 keys) and walk the entry's rows in tiles of BLOCK_M; otherwise an entry is one tile and the block's
-    keys stream in chunks of BLOCK_N."""
+    """Launch configs per pass. A routing entry holds up to `past_rows` rows of one segment. `whole_block`: the
+    past passes' programs hold their block's K and V (blocks of at most 128 keys) and walk the entry's rows in
+    tiles of BLOCK_M; otherwise an entry is one tile and the block's keys stream in chunks of BLOCK_N."""
+    keys = _whole(block_size)
+    dq_block = {"BLOCK_N": min(64, keys), "CHUNKS": max(1, keys // 64)}  # dQ holds the block as 64-key chunks
     if interpret:  # kv: rows < keys on purpose, so CI covers the diagonal walk with more than one row tile;
-        # blocks <= 32 take the whole-block forward with two row tiles per entry, larger ones the tiled one
+        # blocks <= 32 take the whole-block past passes with two row tiles per entry, larger ones the tiled ones
         whole = block_size <= 32
-        return {"past_rows": 32 if whole else 16, "dq_rows": 16, "whole_block": whole,
-                "past": {"BLOCK_M": 16, "BLOCK_N": _whole(block_size)} if whole else {"BLOCK_N": 16},
-                "own": {"BLOCK_N": 16}, "kv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_past": {"BLOCK_N": 16},
-                "dq_own": {"BLOCK_N": 16}}
+        return {"past_rows": 32 if whole else 16, "whole_block": whole,
+                "past": {"BLOCK_M": 16, "BLOCK_N": keys} if whole else {"BLOCK_N": 16},
+                "dq_past": {"BLOCK_M": 16, **dq_block} if whole else {"BLOCK_N": 16},
+                "own": {"BLOCK_N": 16}, "kv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq_own": {"BLOCK_N": 16}}
     width = dim * elem_bytes
     if width <= 256:
         wide_keys = block_size >= 128  # 128-key chunks would half-mask 64-token blocks
-        # a block <= 128 is one or two key chunks: a forward program that took one row tile per block mostly
-        # moved rows and reloaded the block; holding the block over a long entry reloads it less. dQ's past pass
-        # lost that way (two programs per SM became one), so it keeps 64-row tiles, two programs per SM.
+        # a block <= 128 is one or two key chunks: a program that took one row tile per block mostly moved rows
+        # and reloaded the block; holding the block over an entry of up to 512 rows reloads it less. dQ keeps
+        # 64-key score tiles and one stage, so two programs fit per SM (a 128-key tile or a second stage: one).
         fine = block_size <= 128
         return {
-            "past_rows": 512 if fine else 128, "dq_rows": 64 if fine else 128, "whole_block": fine,
-            "past": ({"BLOCK_M": 64, "BLOCK_N": _whole(block_size), "num_warps": 4, "num_stages": 3} if fine else
+            "past_rows": 512 if fine else 128, "whole_block": fine,
+            "past": ({"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 4, "num_stages": 3} if fine else
                      {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
             "own": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 8, "num_stages": 3},
             "kv": ({"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8,
                     "num_stages": 4 if block_size >= 4096 else 3 if block_size >= 2048 else 2}
                    if wide_keys else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
-            "dq_past": ({"BLOCK_N": 64, "num_warps": 8, "num_stages": 3} if block_size >= 2048 else
-                        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2} if fine else
+            "dq_past": ({"BLOCK_M": 64, **dq_block, "num_warps": 4, "num_stages": 1} if fine else
+                        {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3} if block_size >= 2048 else
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
             "dq_own": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
         }
-    return {"past_rows": 128, "dq_rows": 128, "whole_block": False,
+    return {"past_rows": 128, "whole_block": False,
             "past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
             "own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
             "kv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
