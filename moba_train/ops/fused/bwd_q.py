@@ -10,7 +10,7 @@ Own-block pass: contiguous causal tiles; it adds the past sum, scales and writes
 import triton
 import triton.language as tl
 
-from moba_train.ops.fused.layout import own_tile, past_item, past_tile
+from moba_train.ops.fused.layout import block_chunk, entry_rows, own_tile, past_item, past_tile
 from moba_train.ops.fused.state import load_rows_sum, store_rows_sum
 
 
@@ -77,17 +77,11 @@ def dq_past_block_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles,
     r0, n_rows, hk, k_start, k_len = past_item(Tiles, BlkStart, BlkLen, tile0 + tl.program_id(0), NB)
     if n_rows == 0:  # a reserved, unused entry: no K/V load
         return
-    k0 = Kd.load([k_start, hk * D])
-    v0 = Vd.load([k_start, hk * D])
-    live0 = (tl.arange(0, BLOCK_N) < k_len)[None, :]
+    k0, v0, live0 = block_chunk(Kd, Vd, k_start, 0, k_len, hk, D, BLOCK_N)
     if CHUNKS == 2:
-        k1 = Kd.load([k_start + BLOCK_N, hk * D])
-        v1 = Vd.load([k_start + BLOCK_N, hk * D])
-        live1 = (BLOCK_N + tl.arange(0, BLOCK_N) < k_len)[None, :]
+        k1, v1, live1 = block_chunk(Kd, Vd, k_start, BLOCK_N, k_len, hk, D, BLOCK_N)
     for m0 in range(0, n_rows, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n_rows
-        rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+        mask_m, rows = entry_rows(Rows, r0, m0, n_rows, BLOCK_M)
         q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
         if FIRST:
             dq = tl.zeros([BLOCK_M, D], tl.float32)

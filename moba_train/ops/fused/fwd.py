@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_train.ops.fused.layout import Layout, own_tile, past_item, past_tile
+from moba_train.ops.fused.layout import Layout, block_chunk, entry_rows, own_tile, past_item, past_tile
 from moba_train.ops.fused.routing import Routes
 from moba_train.ops.fused.state import is_scaled, load_rows_sum, state_dtype, store_rows_sum
 from moba_train.ops.fused.tiles import kv_desc, tiles
@@ -100,13 +100,9 @@ def _past_block_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart
     r0, n_rows, hk, k_start, k_len = past_item(Tiles, BlkStart, BlkLen, tile0 + tl.program_id(0), NB)
     if n_rows == 0:  # a reserved, unused entry: no K/V load
         return
-    k = Kd.load([k_start, hk * D])
-    v = Vd.load([k_start, hk * D])
-    live = (tl.arange(0, BLOCK_N) < k_len)[None, :]
+    k, v, live = block_chunk(Kd, Vd, k_start, 0, k_len, hk, D, BLOCK_N)
     for m0 in range(0, n_rows, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n_rows
-        rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+        mask_m, rows = entry_rows(Rows, r0, m0, n_rows, BLOCK_M)
         q = tl.load(Q + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask_m[:, None], other=0.0)
         m_i, l_i, acc = _load_state(Acc, Scale, M, L, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)
         m_i, l_i, acc = _update(q, k, v, live, m_i, l_i, acc, scale_log2, True, PREC)

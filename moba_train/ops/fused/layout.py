@@ -110,7 +110,22 @@ def past_item(Tiles, BlkStart, BlkLen, tile, NB):
 def past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M: tl.constexpr):
     """A `Routes.tiles` entry of at most BLOCK_M rows: (KV head, first key and length of the block, mask, row ids)."""
     r0, n_rows, hk, k_start, k_len = past_item(Tiles, BlkStart, BlkLen, tile, NB)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_rows
-    rows = tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m, rows = entry_rows(Rows, r0, 0, n_rows, BLOCK_M)
     return hk, k_start, k_len, mask_m, rows
+
+
+@triton.jit
+def entry_rows(Rows, r0, m0, n_rows, BLOCK_M: tl.constexpr):
+    """(mask, row ids) of the entry's rows m0 .. m0 + BLOCK_M (the entry's rows start at Rows + r0)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    return mask_m, tl.load(Rows + r0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+
+
+@triton.jit
+def block_chunk(Kd, Vd, k_start, n0, k_len, hk, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V of keys n0 .. n0 + BLOCK_N of the block starting at token k_start (TMA loads, zeros past T), and
+    which of them lie inside the block's k_len keys ([1, BLOCK_N], for masking scores)."""
+    k = Kd.load([k_start + n0, hk * D])
+    v = Vd.load([k_start + n0, hk * D])
+    return k, v, (n0 + tl.arange(0, BLOCK_N) < k_len)[None, :]

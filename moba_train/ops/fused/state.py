@@ -5,8 +5,10 @@ with no atomics, and the result is bitwise deterministic. For bf16 and fp16 inpu
 times a per-row power-of-two scale (|sum / scale| <= 1, < 2 in fp32's last binade, so any finite sum fits):
 half the bytes of fp32, which is most of a fine-block slot's time, at a rounding per slot of at most 2^-12 of
 the scale (2^-11 in the last binade, where the scale is capped), so < 2^-11 of the row's largest entry: an
-eighth of a bf16 rounding of that entry, about one fp16 rounding. Other inputs keep fp32 sums. The scale is a field of the pass's per-row record (fwd.py, bwd.py).
+eighth of a bf16 rounding of that entry, about one fp16 rounding. Other inputs keep fp32 sums. The scale is
+a field of the pass's per-row record (fwd.py, bwd.py).
 """
+
 import torch
 import triton
 import triton.language as tl
