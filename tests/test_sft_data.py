@@ -98,6 +98,23 @@ def test_bad_samples_name_file_and_line(tmp_path):
         read_jsonl(str(latin1))
 
 
+
+def test_jsonl_line_endings(tmp_path):
+    """LF, CRLF and lone-CR files read the same samples, and a bad line is named by the same number in each
+    (a lone-CR file was one line, so its first sample's JSON ended in 'Extra data')."""
+    rows = [json.dumps({"prompt": f"p{i}", "response": "r"}) for i in range(3)]
+    for name, sep in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        good = tmp_path / f"{name}.jsonl"
+        good.write_bytes(sep.join([rows[0], "", *rows[1:]]).encode() + sep.encode())
+        samples = read_jsonl(str(good))
+        assert [where.rsplit(":", 1)[1] for where, _ in samples] == ["1", "3", "4"], name
+        assert [messages[0]["content"] for _, messages in samples] == ["p0", "p1", "p2"], name
+        bad = tmp_path / f"bad_{name}.jsonl"
+        bad.write_bytes(sep.join([rows[0], "", "{oops", rows[1]]).encode())
+        with pytest.raises(SFTDataError, match=rf"bad_{name}.jsonl:3: invalid JSON"):
+            read_jsonl(str(bad))
+
+
 def test_overlength_drop_and_truncate(tmp_path):
     # byte lengths: 1 + 6 + (prompt + 1) + 11 + (response + 1) = 35, 125 (answer past 64), 90 (answer cut at 64)
     rows = [{"prompt": "q" * 10, "response": "a" * 5}, {"prompt": "q" * 100, "response": "a" * 5},
