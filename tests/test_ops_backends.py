@@ -95,9 +95,9 @@ def fp16_state() -> dict:
     from moba_train.ops.fused.tiles import tiles
 
     result = {}
-    for lengths, block_size in (((96, 70), 16), ((200, 70), 64)):
+    for lengths, hq, block_size in (((96, 70), 4, 16), ((200,), 2, 64)):
         gen = torch.Generator().manual_seed(5)
-        hq, hkv, dim, top_k = 4, 2, 16, 5
+        hkv, dim, top_k = 2, 16, 5
         cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
         q, k, v, do = (torch.randn(sum(lengths), h, dim, generator=gen) for h in (hq, hkv, hkv, hq))
         v[:, 1] = 0.0
