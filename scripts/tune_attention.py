@@ -136,8 +136,8 @@ def whole_block(name, q, k, v, do, layout, idx, scale, default):
         record = bwd.row_records(out, do, lse)
         t_dq, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32", cfg,
                                                   torch.float16))
-        dq = (dq_sum.float() * record[..., 2:3])[routes.rows[:routes.seg_start[-1]].long() // HQ,
-                                                 routes.rows[:routes.seg_start[-1]].long() % HQ]
+        past_rows = routes.rows[:routes.seg_start[-1]].long()  # (token, head) rows with a past block, t * Hq + h
+        dq = (dq_sum.float() * record[..., 2:3]).view(-1, DIM)[past_rows]
         ref = ref or (out, lse, dq)
         print(name, f"{kind} rows={rows}", cfg["past"], cfg["dq_past"], f"fwd own+past {t_fwd:.2f} ms,",
               f"dq past {t_dq:.2f} ms, diff out {diff([out], ref[:1]):.1e} lse {diff([lse], ref[1:2]):.1e}",

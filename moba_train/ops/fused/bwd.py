@@ -15,7 +15,7 @@ from moba_train.ops.fused.bwd_q import dq_own_kernel, dq_past_block_kernel, dq_p
 from moba_train.ops.fused.layout import Layout
 from moba_train.ops.fused.routing import Routes
 from moba_train.ops.fused.state import is_scaled, state_dtype
-from moba_train.ops.fused.tiles import kv_desc, tiles
+from moba_train.ops.fused.tiles import kv_desc, past_launch, tiles
 
 LOG2E = 1.4426950408889634
 
@@ -82,8 +82,7 @@ def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout:
     if routes.n_slots == 0:
         return record
     dq_sum = torch.empty(q.shape, device=q.device, dtype=sum_dtype)
-    kernel, launch = ((dq_past_block_kernel, cfg["dq_past"]) if cfg["whole_block"] else
-                      (dq_past_kernel, {**cfg["dq_past"], "BLOCK_M": routes.tile_m}))
+    kernel, launch = past_launch(dq_past_block_kernel, dq_past_kernel, cfg, "dq_past", routes.tile_m)
     past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
     for slot in range(routes.n_slots):
         tile0, n_tiles = routes.slot(slot)

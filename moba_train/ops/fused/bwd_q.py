@@ -46,6 +46,16 @@ def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr, REC: tl.constexp
     return q, do, lse, delta
 
 
+@triton.jit
+def _past_sum(DQsum, DQscale, rows, mask_m, D: tl.constexpr, BLOCK_M: tl.constexpr, FIRST: tl.constexpr,
+              SCALED: tl.constexpr, REC: tl.constexpr):
+    """dQ's past sum of the rows before this slot, as the forward's `_load_state`: zero at slot 0 (no zero fill),
+    else what the earlier slots wrote (every row routed to a later slot met an earlier one)."""
+    if FIRST:
+        return tl.zeros([BLOCK_M, D], tl.float32)
+    return load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, REC)
+
+
 @triton.jit(do_not_specialize=["tile0", "NB"])
 def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0, BlkStart, BlkLen, scale_log2, NB,
                    D: tl.constexpr, FIRST: tl.constexpr, SCALED: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr,
@@ -53,10 +63,7 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
     q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
-    if FIRST:
-        dq = tl.zeros([BLOCK_M, D], tl.float32)
-    else:  # every row here met an earlier slot; loaded up front, where the load overlaps the key chunks'
-        dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, REC)
+    dq = _past_sum(DQsum, DQscale, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)  # up front: overlaps the keys'
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, False, PREC)
@@ -83,10 +90,7 @@ def dq_past_block_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles,
     for m0 in range(0, n_rows, BLOCK_M):
         mask_m, rows = entry_rows(Rows, r0, m0, n_rows, BLOCK_M)
         q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
-        if FIRST:
-            dq = tl.zeros([BLOCK_M, D], tl.float32)
-        else:
-            dq = load_rows_sum(DQsum, DQscale, rows, mask_m, D, SCALED, REC)
+        dq = _past_sum(DQsum, DQscale, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)
         dq = _dq_update(q, do, lse, delta, dq, k0, v0, live0, scale_log2, True, PREC)
         if CHUNKS == 2:
             dq = _dq_update(q, do, lse, delta, dq, k1, v1, live1, scale_log2, True, PREC)

@@ -18,7 +18,7 @@ from torch import Tensor
 from moba_train.ops.fused.layout import Layout, block_chunk, entry_rows, own_tile, past_item, past_tile
 from moba_train.ops.fused.routing import Routes
 from moba_train.ops.fused.state import is_scaled, load_rows_sum, state_dtype, store_rows_sum
-from moba_train.ops.fused.tiles import kv_desc, tiles
+from moba_train.ops.fused.tiles import kv_desc, past_launch, tiles
 
 LOG2E = 1.4426950408889634
 STATE_REC = 4  # fields per row of the running state's record: max, sum, acc scale, padding to 16 bytes
@@ -158,8 +158,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, routes: Routes, sca
         # (rows are gathered, so their fields never share a sector with the next row's)
         record = torch.full((tokens, hq, STATE_REC), float("-inf"), device=q.device, dtype=torch.float32)
         m, l_sum, acc_scale = record[..., 0], record[..., 1], record[..., 2]
-        kernel, launch = ((_past_block_kernel, cfg["past"]) if cfg["whole_block"] else
-                          (_past_kernel, {**cfg["past"], "BLOCK_M": routes.tile_m}))
+        kernel, launch = past_launch(_past_block_kernel, _past_kernel, cfg, "past", routes.tile_m)
         past_k, past_v = kv_desc(k, launch["BLOCK_N"]), kv_desc(v, launch["BLOCK_N"])
         for slot in range(routes.n_slots):
             tile0, n_tiles = routes.slot(slot)

@@ -62,3 +62,11 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
 def _whole(block_size: int) -> int:
     """Key chunk holding a whole block: the block padded to a power of two (at least 16, tl.dot's minimum)."""
     return max(16, 1 << (block_size - 1).bit_length())
+
+
+def past_launch(block_kernel, tile_kernel, cfg: dict, name: str, tile_m: int) -> tuple:
+    """(kernel, launch constants) of a past pass (`name`: "past" or "dq_past"): the whole-block kernel with its
+    own row tiles, or the tiled one, whose tile is the routing entry (tile_m rows)."""
+    if cfg["whole_block"]:
+        return block_kernel, cfg[name]
+    return tile_kernel, {**cfg[name], "BLOCK_M": tile_m}
