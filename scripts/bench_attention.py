@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moba_train.ops import moba_attn
+from moba_train.ops.fused import bwd
 from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
 from moba_train.ops.fused.routing import build_routes
+from moba_train.ops.fused.state import state_dtype
 from moba_train.ops.fused.tiles import tiles
 
 K = 1024
@@ -108,17 +110,27 @@ def cuda_ms(fn, reps=5):
     return ev[0].elapsed_time(ev[1]) / reps, res
 
 
-def stages(q, k, v, cu, block_size, top_k, scale):
-    """Triton forward stage times (ms): layout tables (host), gate (block means + scores + top-k), routing,
-    the own-block pass alone, and the rest of the forward (past-block passes with the running-state traffic)."""
+def stages(q, k, v, do, cu, block_size, top_k, scale):
+    """Triton stage times (ms). Forward: layout tables (host), gate (block means + scores + top-k), routing, the
+    own-block pass alone, and the rest of the forward (past-block passes with the running-state traffic).
+    Backward: the per-row records (lse, delta), dK/dV, dQ's past slots, dQ's own block (adds the past sum)."""
     layout_ms, layout = cuda_ms(lambda: build_layout(cu, block_size, query_tile(block_size, False), q.device))
     gate_ms, idx = cuda_ms(lambda: select(q, k, layout, top_k))
-    rows = tiles(block_size, q.shape[-1], q.element_size())["past_rows"]
-    route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], rows))
+    cfg = tiles(block_size, q.shape[-1], q.element_size())
+    route_ms, routes = cuda_ms(lambda: build_routes(idx, layout, k.shape[1], cfg["past_rows"]))
     no_past = routes.own_only()
     own_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, no_past, scale, False))
-    attn_ms, _ = cuda_ms(lambda: forward(q, k, v, layout, routes, scale, False))
-    return {"layout": layout_ms, "gate": gate_ms, "routing": route_ms, "own": own_ms, "past": attn_ms - own_ms}
+    attn_ms, (out, lse) = cuda_ms(lambda: forward(q, k, v, layout, routes, scale, False))
+    rec_ms, record = cuda_ms(lambda: bwd.row_records(out, do, lse))
+    sums = state_dtype(q.dtype)
+    kv_ms, _ = cuda_ms(lambda: bwd.dkv(do, q, k, v, record, layout, routes, scale, "tf32", cfg))
+    dq_past_ms, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32", cfg, sums))
+    dq_own_ms, _ = cuda_ms(lambda: bwd.dq_own(do, q, k, v, record, dq_sum, layout, routes, scale, "tf32", cfg, sums))
+    return {"layout": layout_ms, "gate": gate_ms, "routing": route_ms, "own": own_ms, "past": attn_ms - own_ms,
+            "records": rec_ms, "dkv": kv_ms, "dq_past": dq_past_ms, "dq_own": dq_own_ms}
+
+
+STAGES = ("layout", "gate", "routing", "own", "past", "records", "dkv", "dq_past", "dq_own")
 
 
 def main():
@@ -156,11 +168,10 @@ def main():
             torch.cuda.empty_cache()
             print(" | ".join(map(str, rows[-1])), flush=True)
         if "triton" in args.backends and not args.no_stages:
-            st = stages(q, k, v, cu, block_size, top_k, dim ** -0.5)
+            st = stages(q, k, v, do, cu, block_size, top_k, dim ** -0.5)
             total = next((float(r[5]) for r in rows if r[0] == name and r[3] == "triton" and r[5] != "OOM"), None)
             share = f"{100 * st['gate'] / total:.1f}%" if total else "-"
-            stage_rows.append((name, *(f"{st[s]:.2f}" for s in ("layout", "gate", "routing", "own", "past")),
-                               share))
+            stage_rows.append((name, *(f"{st[s]:.2f}" for s in STAGES), share))
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -169,9 +180,9 @@ def main():
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
     if stage_rows:
-        print("\ntriton forward stages (ms)\n\n| shape | layout (host) | gate | routing | own block "
-              "| past blocks + state | gate / triton fwd+bwd |")
-        print("|---|---|---|---|---|---|---|")
+        print("\ntriton stages (ms)\n\n| shape | layout (host) | gate | routing | own block | past blocks + state "
+              "| bwd records | dK/dV | dQ past | dQ own | gate / triton fwd+bwd |")
+        print("|---" * 11 + "|")
         for r in stage_rows:
             print("| " + " | ".join(r) + " |")
 

@@ -15,7 +15,7 @@ import torch
 from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate
 from moba_train.ops.fused.autograd import selection
 from moba_train.ops.fused.routing import build_routes
-from moba_train.ops.fused.tiles import kv_desc, tiles
+from moba_train.ops.fused.tiles import tiles
 
 sys.path.insert(0, "scripts")
 from bench_attention import SHAPES, cuda_ms  # noqa: E402
@@ -86,28 +86,16 @@ def tune(name):
         print(name, "fwd own+past", cfg, f"{t:.2f} ms", f"diff {err:.1e}", flush=True)
     out, lse = ref
     record = bwd.row_records(out, do, lse)
-    lse_f, delta_f, scale_f = record[..., 0], record[..., 1], record[..., 2]
     base = None
     for cfg in KV:
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        chunks = layout.key_chunks(cfg["BLOCK_N"])
-        kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
-        run = lambda: bwd_kv.kv_kernel[(chunks.shape[0], HKV)](  # noqa: E731
-            q, kd, vd, do, lse_f, delta_f, dk, dv, routes.rows, routes.seg_start, chunks, layout.blk_start,
-            layout.blk_len, scale, layout.n_blocks, routes.n_slots, HQ=HQ, HKV=HKV, D=DIM, REC=bwd.ROW_REC,
-            PREC="tf32", **cfg)
-        t = ms(run)
+        t, (dk, dv) = cuda_ms(lambda: bwd.dkv(do, q, k, v, record, layout, routes, scale, "tf32", {**tiled, "kv": cfg}))
         base = base or (dk, dv)
         print(name, "bwd kv", cfg, f"{t:.2f} ms", f"diff {diff((dk, dv), base):.1e}", flush=True)
-    dq = torch.empty_like(q)
     for cfg in DQ:
-        kd, vd = kv_desc(k, cfg["BLOCK_N"]), kv_desc(v, cfg["BLOCK_N"])
-        t1, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32",
-                                                 {**tiled, "dq_past": cfg}, torch.float16))
-        t2 = ms(lambda: bwd_q.dq_own_kernel[(layout.q_tiles.shape[0], HQ)](
-            q, kd, vd, do, lse_f, delta_f, dq_sum, scale_f, dq, layout.q_tiles, layout.blk_start, layout.blk_len,
-            layout.blk_local, scale, HQ=HQ, HKV=HKV, D=DIM, HAS_PAST=True, SCALED=True, REC=bwd.ROW_REC,
-            PREC="tf32", BLOCK_M=layout.tile_m, **cfg))
+        both = {**tiled, "dq_past": cfg, "dq_own": cfg}
+        t1, dq_sum = cuda_ms(lambda: bwd.dq_past(do, q, k, v, record, layout, routes, scale, "tf32", both,
+                                                 torch.float16))
+        t2 = ms(lambda: bwd.dq_own(do, q, k, v, record, dq_sum, layout, routes, scale, "tf32", both, torch.float16))
         print(name, "bwd dq past / own", cfg, f"{t1:.2f} / {t2:.2f} ms", flush=True)
     routes = build_routes(idx, layout, HKV, rows)
     t = ms(lambda: bwd.backward(do, q, k, v, out, lse, layout, routes, scale, False))

@@ -48,31 +48,46 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
              scale: float, interpret: bool, cfg: dict | None = None,
              sum_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv. sum_dtype: dQ's past sum between slots (default: `state.state_dtype` of q's)."""
-    tokens, hq, dim = q.shape
-    hkv = k.shape[1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    cfg = cfg or tiles(layout.block_size, dim, q.element_size(), interpret)
+    cfg = cfg or tiles(layout.block_size, q.shape[-1], q.element_size(), interpret)
+    sum_dtype = sum_dtype or state_dtype(q.dtype)
     record = row_records(out, do, lse)
-    lse_f, delta_f, scale_f = record[..., 0], record[..., 1], record[..., 2]
+    dk, dv = dkv(do, q, k, v, record, layout, routes, scale, prec, cfg)
+    dq_sum = dq_past(do, q, k, v, record, layout, routes, scale, prec, cfg, sum_dtype)
+    dq = dq_own(do, q, k, v, record, dq_sum, layout, routes, scale, prec, cfg, sum_dtype)
+    return dq, dk, dv
+
+
+def dkv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Layout, routes: Routes, scale: float,
+        prec: str, cfg: dict) -> tuple[Tensor, Tensor]:
+    """dK, dV: one program per (key chunk, KV head) over the chunk's own-block rows and the rows routed to it."""
+    hq, dim = q.shape[1:]
+    hkv = k.shape[1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
     # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
     kv_k, kv_v = kv_desc(k, cfg["kv"]["BLOCK_N"]), kv_desc(v, cfg["kv"]["BLOCK_N"])
-    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, lse_f, delta_f, dk, dv, routes.rows, routes.seg_start,
-                                      chunks, layout.blk_start, layout.blk_len, scale, layout.n_blocks,
-                                      routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec, **cfg["kv"])
+    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, record[..., 0], record[..., 1], dk, dv, routes.rows,
+                                      routes.seg_start, chunks, layout.blk_start, layout.blk_len, scale,
+                                      layout.n_blocks, routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec,
+                                      **cfg["kv"])
+    return dk, dv
+
+
+def dq_own(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, dq_sum: Tensor, layout: Layout,
+           routes: Routes, scale: float, prec: str, cfg: dict, sum_dtype: torch.dtype) -> Tensor:
+    """dQ: the own block's causal part plus the past sum, scaled, in q's dtype."""
+    hq, dim = q.shape[1:]
     has_past = routes.n_slots > 0
-    sum_dtype = sum_dtype or state_dtype(q.dtype)
-    dq_sum = dq_past(do, q, k, v, record, layout, routes, scale, prec, cfg, sum_dtype)
     dq = torch.empty_like(q)
     own_cfg = {**cfg["dq_own"], "BLOCK_N": min(cfg["dq_own"]["BLOCK_N"], layout.tile_m)}  # tile_m % BLOCK_N == 0
     own_k, own_v = kv_desc(k, own_cfg["BLOCK_N"]), kv_desc(v, own_cfg["BLOCK_N"])
-    dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, lse_f, delta_f, dq_sum, scale_f, dq,
-                                                 layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
-                                                 scale, HQ=hq, HKV=hkv, D=dim, HAS_PAST=has_past,
-                                                 SCALED=has_past and is_scaled(sum_dtype), REC=ROW_REC, PREC=prec,
-                                                 BLOCK_M=layout.tile_m, **own_cfg)
-    return dq, dk, dv
+    dq_own_kernel[(layout.q_tiles.shape[0], hq)](q, own_k, own_v, do, record[..., 0], record[..., 1], dq_sum,
+                                                 record[..., 2], dq, layout.q_tiles, layout.blk_start, layout.blk_len,
+                                                 layout.blk_local, scale, HQ=hq, HKV=k.shape[1], D=dim,
+                                                 HAS_PAST=has_past, SCALED=has_past and is_scaled(sum_dtype),
+                                                 REC=ROW_REC, PREC=prec, BLOCK_M=layout.tile_m, **own_cfg)
+    return dq
 
 
 def dq_past(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Layout, routes: Routes,
