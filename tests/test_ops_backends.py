@@ -116,6 +116,66 @@ def fp16_state() -> dict:
     return result
 
 
+def routes_case() -> dict:
+    """`build_routes` against a reference written with numpy's lexsort, on random canonical selections of packed
+    documents (an empty one included), with 16-bit and, past 32767 segments, 32-bit sort keys: the rows sorted
+    by (kv head, block, slot) then row id, the segment starts, and each slot's entries covering exactly that
+    slot's segments, none longer than an entry."""
+    import numpy as np
+
+    from moba_train.ops.fused.layout import build_layout
+    from moba_train.ops.fused.routing import build_routes
+
+    gen = torch.Generator().manual_seed(4)
+    result = {}
+    # (doc lengths, Hq, Hkv, block, top_k, rows per entry): 8 KV heads x 128 blocks x 33 slots > 32767 segments
+    for lengths, hq, hkv, block, top_k, tile_m in (((90, 0, 300, 47), 6, 2, 16, 4, 16), ((2048,), 8, 8, 16, 34, 32)):
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+        layout = build_layout(cu, block, 16, torch.device("cpu"))
+        sel, keys = [], []
+        first = 0
+        for length in lengths:
+            own = torch.arange(length) // block
+            n_blk = -(-length // block)
+            score = torch.rand(length, hq, max(n_blk, 1), generator=gen).masked_fill(
+                torch.arange(max(n_blk, 1)) >= own[:, None, None], -1.0)
+            val, ix = score.topk(min(top_k - 1, max(n_blk, 1)), dim=-1)
+            past = torch.where(val >= 0, ix, 1 << 20).sort(-1).values
+            n_past = (past < 1 << 20).sum(-1)
+            doc_sel = torch.full((length, hq, top_k), -1, dtype=torch.int32)
+            doc_sel[..., :past.shape[-1]] = torch.where(past < 1 << 20, past, -1).int()
+            doc_sel.scatter_(2, n_past[..., None], own[:, None, None].expand(length, hq, 1).int())
+            sel.append(doc_sel)
+            t, h, slot = np.nonzero((torch.arange(top_k - 1) < n_past[..., None]).numpy())
+            row = (cu[len(sel) - 1].item() + t) * hq + h
+            keys.append(np.stack([h // (hq // hkv), first + past[t, h, slot].numpy(), slot, row]))
+            first += n_blk
+        idx = torch.cat(sel).contiguous()
+        hk, blk, slot, row = np.concatenate(keys, 1)
+        order = np.lexsort((row, slot, blk, hk))
+        seg = (hk * layout.n_blocks + blk) * (top_k - 1) + slot
+        n_seg = hkv * layout.n_blocks * (top_k - 1)
+        starts = np.searchsorted(np.sort(seg), np.arange(n_seg + 1))
+        routes = build_routes(idx, layout, hkv, tile_m)
+        n_rows = int(routes.seg_start[-1])
+        covered = True
+        for r in range(routes.n_slots):
+            tile0, n_tiles = routes.slot(r)
+            spans = {}  # per (kv head, block) pair: its entries in order, joined where they meet
+            for a, c, pair in routes.tiles[tile0:tile0 + n_tiles].tolist():
+                if c > 0:
+                    covered &= c <= tile_m
+                    last = spans.setdefault(pair, [(a, a)])[-1]
+                    spans[pair][-1:] = [(last[0], a + c)] if last[1] == a else [last, (a, a + c)]
+            bounds = routes.seg_start.tolist()
+            want = {p: [(bounds[p * (top_k - 1) + r], bounds[p * (top_k - 1) + r + 1])]
+                    for p in range(hkv * layout.n_blocks) if bounds[p * (top_k - 1) + r + 1] > bounds[p * (top_k - 1) + r]}
+            covered &= spans == want
+        result[f"{n_seg}"] = {"rows": routes.rows[:n_rows].tolist() == row[order].tolist(),
+                              "seg_start": routes.seg_start.tolist() == starts.tolist(), "entries": covered}
+    return result
+
+
 @triton.jit
 def _sums_roundtrip(X, Sums, Scale, Y, N: tl.constexpr, D: tl.constexpr):
     rows = tl.arange(0, N)
@@ -263,6 +323,12 @@ def test_triton_on_context_parallel_zero_rows(interpreted):
     assert all(res[name] < FP32_TOL for name in ("out", "dq", "dk", "dv")), res
 
 
+def test_routes_match_a_lexsort_reference(interpreted):
+    res = interpreted["routes"]
+    assert len(res) == 2 and max(map(int, res)) > 32767, res  # both key widths ran
+    assert all(all(checks.values()) for checks in res.values()), res
+
+
 def test_layout_memo_follows_the_offsets_values():
     """Tables are memoised by cu_seqlens' values: a tensor rewritten in place must not hit a stale entry."""
     from moba_train.ops.fused.layout import build_layout
@@ -360,4 +426,4 @@ if __name__ == "__main__":  # the child process: every result as one JSON object
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
                       "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(),
                       "state_range": state_range(), "gpu_tiles": gpu_tiles(), "zero_rows": zero_rows_case(),
-                      "double_backward_refused": double_backward_refused()}))
+                      "double_backward_refused": double_backward_refused(), "routes": routes_case()}))

@@ -1,4 +1,6 @@
-"""Routing: from the selection [T, Hq, k] to row lists per (KV head, block, slot), with torch ops on O(T*Hq*k) data.
+"""Routing: from the selection [T, Hq, k] to row lists per (KV head, block, slot), on O(T*Hq*k) data: one Triton
+pass writes each (row, past slot)'s segment key, torch sorts them (16-bit keys where the segments fit, half the
+radix passes of 32-bit ones) and cuts the entries.
 
 A row is one (token, query head), numbered t * Hq + h. Slot r of a row is its r-th past block in ascending
 order (the own block is handled separately by the causal kernels). Rows are sorted by the segment key
@@ -12,6 +14,8 @@ walks (`tiles()["past_rows"]`).
 from dataclasses import dataclass, replace
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from moba_train.ops.fused.layout import Layout
@@ -35,6 +39,30 @@ class Routes:
         return replace(self, n_slots=0, tiles=self.tiles[:0], slot_tiles=0)
 
 
+@triton.jit(do_not_specialize=["NB", "N_SEG"])
+def _keys_kernel(Idx, Key, QTiles, BlkStart, BlkLen, BlkLocal, NB, N_SEG, HQ: tl.constexpr, HKV: tl.constexpr,
+                 TOPK: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Segment key (kv head, global block, slot) of each (row, past slot) of one query tile and KV head (its
+    group's query heads are adjacent rows, so a token's entries are one contiguous run); N_SEG (sorts last)
+    where the slot holds the own block or -1."""
+    group: tl.constexpr = HQ // HKV
+    n_slots: tl.constexpr = TOPK - 1
+    hk = tl.program_id(1)
+    t0 = tl.load(QTiles + 2 * tl.program_id(0))
+    gb = tl.load(QTiles + 2 * tl.program_id(0) + 1)
+    t_end = tl.load(BlkStart + gb) + tl.load(BlkLen + gb)
+    local = tl.load(BlkLocal + gb)
+    tok = t0 + tl.arange(0, BLOCK_M)
+    g = tl.arange(0, GP)
+    slot = tl.arange(0, SP)
+    rows = tok.to(tl.int64)[:, None, None] * HQ + hk * group + g[None, :, None]
+    mask = (tok < t_end)[:, None, None] & (g < group)[None, :, None] & (slot < n_slots)[None, None, :]
+    past = tl.load(Idx + rows * TOPK + slot[None, None, :], mask=mask, other=-1)
+    key = (gb - local + hk * NB + past) * n_slots + slot[None, None, :]
+    key = tl.where((past >= 0) & (past < local), key, N_SEG)
+    tl.store(Key + rows * n_slots + slot[None, None, :], key.to(Key.dtype.element_ty), mask=mask)
+
+
 def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     """Never reads the GPU: launch sizes are bounds known from the shapes, so the host queues on."""
     tokens, hq, top_k = idx.shape
@@ -43,21 +71,18 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     if n_slots == 0 or nb == layout.n_docs:  # no past block anywhere
         one = torch.zeros(1, device=device, dtype=torch.int32)  # kernels take a real pointer even when unread
         return Routes(0, tile_m, one, one, one.view(1, 1).expand(0, 3), 0)
-    past = idx[:, :, :n_slots]
-    # int32 throughout: the key tensors are the size of the selection (352M entries at 1M tokens, 4096/12)
-    i32 = dict(device=device, dtype=torch.int32)
-    tok_blk = torch.repeat_interleave(torch.arange(nb, **i32), layout.blk_len.long(), output_size=tokens)
-    local = layout.blk_local[tok_blk]
-    own = local[:, None, None]
-    first = tok_blk - local  # global index of the document's block 0
-    base = first[:, None, None] + (torch.arange(hq, **i32) // (hq // hkv))[None, :, None] * nb  # [T, Hq, 1]
     n_pairs = hkv * nb
     n_seg = n_pairs * n_slots
-    key = (past + base).mul_(n_slots).add_(torch.arange(n_slots, **i32))
-    key.masked_fill_((past < 0) | (past >= own), n_seg)
-    key, order = torch.sort(key.flatten(), stable=True)
+    # 16-bit keys where the segments fit (the sentinel n_seg included): the radix sort then takes half the passes
+    key = torch.empty(tokens * hq * n_slots, device=device,
+                      dtype=torch.int16 if n_seg <= torch.iinfo(torch.int16).max else torch.int32)
+    _keys_kernel[(layout.q_tiles.shape[0], hkv)](idx, key, layout.q_tiles, layout.blk_start, layout.blk_len,
+                                                 layout.blk_local, nb, n_seg, HQ=hq, HKV=hkv, TOPK=top_k,
+                                                 GP=triton.next_power_of_2(hq // hkv),
+                                                 SP=triton.next_power_of_2(n_slots), BLOCK_M=layout.tile_m)
+    key, order = torch.sort(key, stable=True)
     # segment starts by binary search in the sorted keys (a bincount would contend on few bins at this size)
-    seg_start = torch.searchsorted(key, torch.arange(n_seg + 1, **i32), out_int32=True)
+    seg_start = torch.searchsorted(key, torch.arange(n_seg + 1, device=device, dtype=key.dtype), out_int32=True)
     rows = (order // n_slots).to(torch.int32)
 
     # forward tiles: each slot's segments cut into tiles of tile_m rows, packed from the slot's first tile on.
