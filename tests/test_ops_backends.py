@@ -203,8 +203,8 @@ def state_range(device: str = "cpu") -> dict:
 
 def gpu_tiles() -> dict:
     """The GPU's tile configs at blocks <= 128 (the whole-block forward with entries of up to 512 rows walked
-    64 at a time, dQ's 64-row past tiles, 64-key chunks; dK/dV's row tiles of head_dim 128 and 64) run in the
-    interpreter, which otherwise takes its own
+    64 at a time, dQ's 64-row past tiles, 64-key chunks; head_dim 64's one tile of 64 rows per program) run in
+    the interpreter, which otherwise takes its own
     16-row tiles, with every `torch.empty` poisoned with NaN so that a read of a row the kernels never wrote
     shows; fp32 and fp16 row sums, errors relative to the float64 reference."""
     from moba_train.ops import moba_attn
@@ -222,7 +222,7 @@ def gpu_tiles() -> dict:
 
     result = {}
     # the configs of head_dim 128 (bf16) at blocks 64 and 96 (whole-block passes with keys past the block's end
-    # inside their chunks, masked), of head_dim 64 at block 128 (its 32-row dK/dV tiles)
+    # inside their chunks, masked), of head_dim 64 at block 128 (64-row past tiles, 32-row dK/dV tiles)
     cases = (((200, 70, 0, 150), 4, 2, 16, 64, 4, 128), ((130, 70), 2, 2, 16, 128, 3, 64),
              ((250, 100), 2, 1, 16, 96, 3, 128))
     for seed, (lengths, hq, hkv, dim, block_size, top_k, cfg_dim) in enumerate(cases):

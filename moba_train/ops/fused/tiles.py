@@ -39,19 +39,21 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
         # 64-key score tiles and one stage, so two programs fit per SM (a 128-key tile or a second stage: one).
         fine = block_size <= 128
         # rows of at most 128 bytes (head_dim 64 in bf16) leave room for more programs per SM: four-warp
-        # programs with narrower row tiles win every stage there (docs/kernels.md, item 32)
+        # programs with narrower row tiles win every stage there, and at fine blocks one 64-row tile per program
+        # beats holding the block (docs/kernels.md, item 32)
         narrow = width <= 128
+        whole = fine and not narrow
         return {
-            "past_rows": 512 if fine else 128, "whole_block": fine,
-            "past": ({"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 4, "num_stages": 3} if fine else
-                     {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3} if narrow else
+            "past_rows": 512 if whole else 64 if fine else 128, "whole_block": whole,
+            "past": ({"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 4, "num_stages": 3} if whole else
+                     {"BLOCK_N": 64, "num_warps": 4 if fine else 8, "num_stages": 3} if narrow else
                      {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
             "own": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 4 if narrow else 8, "num_stages": 3},
             "kv": ({"BLOCK_M": 32 if narrow else 64, "BLOCK_N": 128, "num_warps": 4 if narrow else 8,
                     "num_stages": 2 if narrow else 4 if block_size >= 4096 else 3 if block_size >= 2048 else 2}
                    if wide_keys else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
-            "dq_past": ({"BLOCK_M": 64, **dq_block, "num_warps": 4, "num_stages": 1} if fine else
-                        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3} if narrow else
+            "dq_past": ({"BLOCK_M": 64, **dq_block, "num_warps": 4, "num_stages": 1} if whole else
+                        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2 if fine else 3} if narrow else
                         {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3} if block_size >= 2048 else
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
             "dq_own": {"BLOCK_N": 64, "num_warps": 4 if narrow else 8, "num_stages": 3},
