@@ -13,7 +13,8 @@ The target after an end-of-document token (the next document's first token) then
 
 Sample indices are cached in `data.megatron.cache_dir` (default `<dir of the first prefix>/index_cache`),
 in a subdirectory named by a fingerprint of the data files (path, size, mtime), so a prefix rewritten with
-new data gets a new index rather than a stale one. Rank 0 builds them, the other ranks read them after a
+new data gets a new index rather than a stale one; the indexes of the files' earlier versions (same prefixes,
+another fingerprint) are then removed, so rewrites do not pile up index files. Rank 0 builds them, the other ranks read them after a
 barrier, so on several nodes it must be a shared filesystem (as in Megatron-LM). Reading is synchronous in
 the training process (memory-mapped; cheap next to a long-context step).
 """
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import warnings
 from contextlib import contextmanager
@@ -125,6 +127,30 @@ def data_fingerprint(prefixes: list[str]) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
+MANIFEST = "prefixes.json"  # in each index directory: the prefixes it indexes
+
+
+def prune_stale_indexes(cache_root: str, prefixes: list[str], current: str) -> None:
+    """Remove the index directories of earlier versions of these data files (the same prefixes under another
+    fingerprint; those files no longer exist, so nothing can use them), then record the prefixes of `current`.
+    Indexes of other blends under the same root are kept."""
+    names = [os.path.abspath(p) for p in prefixes]
+    for entry in os.scandir(cache_root) if os.path.isdir(cache_root) else ():
+        if entry.name == os.path.basename(current) or not entry.is_dir():
+            continue
+        try:
+            with open(os.path.join(entry.path, MANIFEST)) as f:
+                stale = json.load(f) == names
+        except (OSError, ValueError):
+            continue  # not ours to judge (no manifest, or one written by something else)
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("removed the sample index of an earlier version of %s: %s", prefixes, entry.path)
+    os.makedirs(current, exist_ok=True)
+    with open(os.path.join(current, MANIFEST), "w") as f:
+        json.dump(names, f)
+
+
 def doc_lengths(tokens: np.ndarray, eod: int) -> np.ndarray:
     """Lengths of the documents in a window: each eod token is the last token of its document."""
     ends = np.flatnonzero(tokens == eod) + 1
@@ -162,6 +188,12 @@ class MegatronData:
             check_sidecar(prefix, self.tokenizer)
         cache_root = mcfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index_cache")
         cache = os.path.join(cache_root, data_fingerprint(prefixes))
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            try:
+                prune_stale_indexes(cache_root, prefixes, cache)
+            except OSError as e:
+                raise DatasetFileError(f"{cache}: cannot build the sample index ({e.strerror or e}); set "
+                                       "data.megatron.cache_dir to a writable directory") from None
         with warnings.catch_warnings():  # megatron.core warns about missing optional GPU packages on import
             warnings.simplefilter("ignore")
             from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
