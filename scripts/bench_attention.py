@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moba_train.ops import moba_attn
 from moba_train.ops.fused import bwd
-from moba_train.ops.fused.autograd import selection
+from moba_train.ops.fused.autograd import pad, selection
 from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
@@ -153,7 +153,8 @@ def main():
         do = torch.randn_like(q)
         cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
         inputs = (q, k, v, cu, tokens, block_size, top_k)
-        pairs = {"moba": live_pairs(q, k, cu, block_size, top_k), "dense": hq * tokens * (tokens + 1) // 2}
+        # the fused internals take the kernels' head size (other sizes zero-padded, as the op does)
+        pairs = {"moba": live_pairs(pad(q), pad(k), cu, block_size, top_k), "dense": hq * tokens * (tokens + 1) // 2}
         for backend in args.backends:
             fn = moba(backend) if backend in ("triton", "varlen") else dense(backend)
             flops = 4 * dim * pairs["moba" if backend in ("triton", "varlen") else "dense"]
@@ -168,7 +169,7 @@ def main():
             torch.cuda.empty_cache()
             print(" | ".join(map(str, rows[-1])), flush=True)
         if "triton" in args.backends and not args.no_stages:
-            st = stages(q, k, v, do, cu, block_size, top_k, dim ** -0.5)
+            st = stages(pad(q), pad(k), pad(v), pad(do), cu, block_size, top_k, dim ** -0.5)
             total = next((float(r[5]) for r in rows if r[0] == name and r[3] == "triton" and r[5] != "OOM"), None)
             share = f"{100 * st['gate'] / total:.1f}%" if total else "-"
             stage_rows.append((name, *(f"{st[s]:.2f}" for s in STAGES), share))

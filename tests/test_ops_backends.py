@@ -32,6 +32,7 @@ CASES = [
     ((30, 50, 20), 2, 1, 16, 64, 3),  # every document within one block: no past block anywhere
     ((0, 36, 0), 2, 1, 16, 16, 2),  # empty documents (as many blocks as documents, yet block 2 has a past)
     ((200,), 2, 1, 16, 64, 4),  # the tiled past passes (blocks > 32 here) resuming over three slots
+    ((90, 41), 2, 1, 24, 16, 3),  # head_dim 24: the kernels run it zero-padded to 32
 ]
 FP32_TOL = 2e-5  # interpreter fp32 vs float64 reference, relative to the reference's largest entry
 

@@ -218,14 +218,18 @@ def test_reference_stays_fp32_under_autocast():
 
 
 def test_auto_backend_on_cpu_and_the_check_it_uses_on_cuda():
-    """auto: naive on a CPU; on CUDA it asks the fused backend whether it takes the shape (GPU test: the picks)."""
+    """auto: naive on a CPU; on CUDA it asks the fused backend whether it takes the shape (GPU test: the picks):
+    any head_dim whose padded power of two fits the kernels' rows."""
     from moba_train.ops import resolve_backend
     from moba_train.ops.fused import check_supported
 
     q = torch.empty(4, 2, 80)
     assert resolve_backend("auto", q) == "naive"
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(RuntimeError, match="CUDA"):  # head_dim 80 runs padded to 128: only the device is refused
         check_supported(q)
+    for wide in (torch.empty(4, 2, 300, dtype=torch.bfloat16), torch.empty(4, 2, 136)):  # over 256; fp32 over 128
+        with pytest.raises(ValueError, match="up to head_dim"):
+            check_supported(wide)
 
 
 def test_auto_runs_full_attention_where_every_block_is_selected(monkeypatch):

@@ -59,9 +59,10 @@ GRID = [  # (doc lengths, Hq, Hkv, head_dim, block_size, top_k)
 ]
 
 
-# fp16, top_k 64 over 128 blocks, 4096-token blocks
+# fp16, top_k 64 over 128 blocks, 4096-token blocks, head_dim 96 (zero-padded to 128 by the fused op)
 EXTRA = [(((8192,), 4, 2, 64, 64, 64), torch.bfloat16), (((1500, 2600), 8, 2, 128, 256, 4), torch.float16),
-         (((9000, 4100), 8, 2, 128, 4096, 3), torch.bfloat16)]  # the tile configs of 4096-blocks
+         (((9000, 4100), 8, 2, 128, 4096, 3), torch.bfloat16),  # the tile configs of 4096-blocks
+         (((1500, 2600), 8, 2, 96, 256, 4), torch.bfloat16)]
 
 
 @pytest.mark.parametrize("case", [GRID[0]], ids=str)
@@ -136,8 +137,10 @@ def test_auto_picks_triton_where_it_applies():
     from moba_train.ops import resolve_backend
 
     assert resolve_backend("auto", torch.empty(1, 1, 128, device=DEV, dtype=torch.bfloat16)) == "triton"
-    assert resolve_backend("auto", torch.empty(1, 1, 80, device=DEV, dtype=torch.bfloat16)) == "varlen"
-    assert resolve_backend("auto", torch.empty(1, 1, 80, device=DEV, dtype=torch.float32)) == "naive"
+    # other head sizes run zero-padded to a power of two: 80 -> 128 (fp32 rows up to 512 bytes, so 128 at most)
+    assert resolve_backend("auto", torch.empty(1, 1, 80, device=DEV, dtype=torch.bfloat16)) == "triton"
+    assert resolve_backend("auto", torch.empty(1, 1, 80, device=DEV, dtype=torch.float32)) == "triton"
+    assert resolve_backend("auto", torch.empty(1, 1, 160, device=DEV, dtype=torch.float32)) == "naive"
     assert resolve_backend("auto", torch.empty(1, 1, 128)) == "naive"
 
 

@@ -3,6 +3,7 @@
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moba_train.ops.fused.bwd import backward
@@ -21,12 +22,17 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+def padded_dim(dim: int) -> int:
+    """The kernels' head size: a power of two, at least 16 (tl.dot's minimum). Other sizes run zero-padded: a
+    zero column adds exactly nothing to any score, mean or output."""
+    return max(16, 1 << (dim - 1).bit_length())
+
+
 def check_supported(q: Tensor) -> None:
     dim = q.shape[-1]
-    if dim & (dim - 1) or not 16 <= dim <= 256:
-        raise ValueError(f"triton MoBA backend supports head_dim a power of two in [16, 256], got {dim}")
-    if dim * q.element_size() > 512:  # the kernels' shared-memory tiles are sized for rows of at most 512 bytes
-        raise ValueError(f"triton MoBA backend supports {q.dtype} up to head_dim {512 // q.element_size()}, got {dim}")
+    widest = 512 // q.element_size()  # the kernels' shared-memory tiles are sized for rows of at most 512 bytes
+    if padded_dim(dim) > min(256, widest):
+        raise ValueError(f"triton MoBA backend supports {q.dtype} up to head_dim {min(256, widest)}, got {dim}")
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError("triton MoBA backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
 
@@ -63,13 +69,19 @@ class MobaAttn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def pad(x: Tensor) -> Tensor:
+    dim = x.shape[-1]
+    return x if padded_dim(dim) == dim else F.pad(x, (0, padded_dim(dim) - dim))
+
+
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int,
               softmax_scale: float) -> Tensor:
     check_supported(q)
-    return MobaAttn.apply(q, k, v, cu_seqlens, block_size, top_k, softmax_scale)
+    out = MobaAttn.apply(pad(q), pad(k), pad(v), cu_seqlens, block_size, top_k, softmax_scale)
+    return out if out.shape[-1] == q.shape[-1] else out[..., :q.shape[-1]].contiguous()
 
 
 @torch.no_grad()
 def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int) -> Tensor:
     check_supported(q)
-    return selection(q.contiguous(), k.contiguous(), cu_seqlens, block_size, top_k)[1]
+    return selection(pad(q).contiguous(), pad(k).contiguous(), cu_seqlens, block_size, top_k)[1]
