@@ -59,10 +59,11 @@ GRID = [  # (doc lengths, Hq, Hkv, head_dim, block_size, top_k)
 ]
 
 
-# fp16, top_k 64 over 128 blocks, 4096-token blocks, head_dim 96 (zero-padded to 128 by the fused op)
+# fp16, top_k 64 over 128 blocks, 4096-token blocks, head_dim 96 (zero-padded to 128 by the fused op) and 256
 EXTRA = [(((8192,), 4, 2, 64, 64, 64), torch.bfloat16), (((1500, 2600), 8, 2, 128, 256, 4), torch.float16),
          (((9000, 4100), 8, 2, 128, 4096, 3), torch.bfloat16),  # the tile configs of 4096-blocks
-         (((1500, 2600), 8, 2, 96, 256, 4), torch.bfloat16)]
+         (((1500, 2600), 8, 2, 96, 256, 4), torch.bfloat16),
+         (((1500, 2600), 4, 2, 256, 256, 4), torch.bfloat16)]  # 512-byte rows: the widest tile configs
 
 
 @pytest.mark.parametrize("case", [GRID[0]], ids=str)

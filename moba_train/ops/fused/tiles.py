@@ -58,12 +58,14 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
             "dq_own": {"BLOCK_N": 64, "num_warps": 4 if narrow else 8, "num_stages": 3},
         }
+    # 512-byte rows (head_dim 256 in bf16, 128 in fp32): eight warps throughout; four-warp backward programs
+    # spilled kilobytes of registers and ran 2.7-3.6x slower at head_dim 256 (docs/kernels.md, item 35)
     return {"past_rows": 128, "whole_block": False,
             "past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
             "own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-            "kv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-            "dq_past": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-            "dq_own": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}}
+            "kv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+            "dq_past": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+            "dq_own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}
 
 
 def _whole(block_size: int) -> int:
