@@ -11,7 +11,7 @@ from moba_train.ops.fused.fwd import forward
 from moba_train.ops.fused.gate import select
 from moba_train.ops.fused.layout import build_layout, query_tile
 from moba_train.ops.fused.routing import build_routes
-from moba_train.ops.fused.tiles import tiles
+from moba_train.ops.fused.tiles import dot_size, tiles
 
 
 # Triton decides at decoration time whether kernels are interpreted; record the same decision once
@@ -22,16 +22,10 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
-def padded_dim(dim: int) -> int:
-    """The kernels' head size: a power of two, at least 16 (tl.dot's minimum). Other sizes run zero-padded: a
-    zero column adds exactly nothing to any score, mean or output."""
-    return max(16, 1 << (dim - 1).bit_length())
-
-
 def check_supported(q: Tensor) -> None:
     dim = q.shape[-1]
     widest = 512 // q.element_size()  # the kernels' shared-memory tiles are sized for rows of at most 512 bytes
-    if padded_dim(dim) > min(256, widest):
+    if dot_size(dim) > min(256, widest):
         raise ValueError(f"triton MoBA backend supports {q.dtype} up to head_dim {min(256, widest)}, got {dim}")
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError("triton MoBA backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
@@ -70,8 +64,10 @@ class MobaAttn(torch.autograd.Function):
 
 
 def pad(x: Tensor) -> Tensor:
-    dim = x.shape[-1]
-    return x if padded_dim(dim) == dim else F.pad(x, (0, padded_dim(dim) - dim))
+    """x with zero columns up to the kernels' head size (`dot_size`): a zero column adds exactly nothing to any
+    score, mean or output."""
+    extra = dot_size(x.shape[-1]) - x.shape[-1]
+    return F.pad(x, (0, extra)) if extra else x
 
 
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int,

@@ -22,7 +22,7 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
     """Launch configs per pass. A routing entry holds up to `past_rows` rows of one segment. `whole_block`: the
     past passes' programs hold their block's K and V (blocks of at most 128 keys) and walk the entry's rows in
     tiles of BLOCK_M; otherwise an entry is one tile and the block's keys stream in chunks of BLOCK_N."""
-    keys = _whole(block_size)
+    keys = dot_size(block_size)  # a chunk holding the whole block
     dq_block = {"BLOCK_N": min(64, keys), "CHUNKS": max(1, keys // 64)}  # dQ holds the block as 64-key chunks
     if interpret:  # kv: rows < keys on purpose, so CI covers the diagonal walk with more than one row tile;
         # blocks <= 32 take the whole-block past passes with two row tiles per entry, larger ones the tiled ones
@@ -68,9 +68,10 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
             "dq_own": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}
 
 
-def _whole(block_size: int) -> int:
-    """Key chunk holding a whole block: the block padded to a power of two (at least 16, tl.dot's minimum)."""
-    return max(16, 1 << (block_size - 1).bit_length())
+def dot_size(n: int) -> int:
+    """n rounded up to a power of two, at least 16 (tl.dot's minimum): the key chunk that holds a whole block,
+    and the head size the kernels run."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def past_launch(block_kernel, tile_kernel, cfg: dict, name: str, tile_m: int) -> tuple:
