@@ -60,7 +60,7 @@ def main():
     prec = "ieee" if elem == 4 else "tf32"
     cfg = tiles(args.block_size, args.dim, elem)
     types = {n: f"*{args.dtype}" for n in ("Q", "K", "V", "DO", "DK", "DV", "Out", "DQ")}
-    types.update({n: "*fp32" for n in ("Lse", "Delta", "M", "L", "Means", "Scale", "DQscale")})
+    types.update({n: "*fp32" for n in ("Lse", "Delta", "RLse", "RDelta", "M", "L", "Means", "Scale", "DQscale")})
     scaled = elem == 2  # 16-bit inputs keep the per-row sums in fp16 with a row scale (ops/fused/state.py)
     types.update({n: "*fp16" if scaled else "*fp32" for n in ("Acc", "DQsum")})
     types.update({n: "*i32" for n in ("Rows", "SegStart", "Chunks", "BlkStart", "BlkLen", "Tiles", "QTiles",

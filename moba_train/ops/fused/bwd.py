@@ -20,19 +20,31 @@ from moba_train.ops.fused.tiles import kv_desc, past_launch, tiles
 LOG2E = 1.4426950408889634
 
 
-ROW_REC = 4  # fields per row of the backward's record: lse, delta = rowsum(dO * O), dQ's past-sum scale, padding
+# fields per row of the backward's record: lse (base 2), delta = rowsum(dO * O), dQ's past-sum scale, padding
+ROW_REC = 4
 
 
 @triton.jit
 def _rows_kernel(Out, DOut, Lse, Rec, n_rows, D: tl.constexpr, BLOCK: tl.constexpr, REC: tl.constexpr):
-    """Each row's record: lse (copied) and delta; the scale field is dQ's past pass's to write."""
+    """Each row's record: lse in base 2 (the kernels' exponent base: converted once here, not per key chunk) and
+    delta; the scale field is dQ's past pass's to write."""
     offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = offs < n_rows
     ptrs = offs[:, None] * D + tl.arange(0, D)[None, :]
     o = tl.load(Out + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
     do = tl.load(DOut + ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
-    tl.store(Rec + offs * REC, tl.load(Lse + offs, mask=mask), mask=mask)
+    tl.store(Rec + offs * REC, tl.load(Lse + offs, mask=mask) * 1.4426950408889634, mask=mask)
     tl.store(Rec + offs * REC + 1, tl.sum(o * do, 1), mask=mask)
+
+
+@triton.jit
+def _routed_records_kernel(Rows, Lse, Delta, RLse, RDelta, n, REC: tl.constexpr, BLOCK: tl.constexpr):
+    """Copies of the record's lse and delta of the routed rows, by position in Rows."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    rows = tl.load(Rows + offs, mask=mask, other=0).to(tl.int64)
+    tl.store(RLse + offs, tl.load(Lse + rows * REC, mask=mask), mask=mask)
+    tl.store(RDelta + offs, tl.load(Delta + rows * REC, mask=mask), mask=mask)
 
 
 def row_records(out: Tensor, do: Tensor, lse: Tensor) -> Tensor:
@@ -67,11 +79,24 @@ def dkv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Lay
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
     # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
     kv_k, kv_v = kv_desc(k, cfg["kv"]["BLOCK_N"]), kv_desc(v, cfg["kv"]["BLOCK_N"])
-    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, record[..., 0], record[..., 1], dk, dv, routes.rows,
-                                      routes.seg_start, chunks, layout.blk_start, layout.blk_len, scale,
+    r_lse, r_delta = routed_records(record, routes)
+    kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, record[..., 0], record[..., 1], r_lse, r_delta, dk, dv,
+                                      routes.rows, routes.seg_start, chunks, layout.blk_start, layout.blk_len, scale,
                                       layout.n_blocks, routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec,
                                       **cfg["kv"])
     return dk, dv
+
+
+def routed_records(record: Tensor, routes: Routes) -> tuple[Tensor, Tensor]:
+    """lse and delta of every routed row in routing order, [T * Hq * n_slots] fp32 each: dK/dV then reads them
+    contiguously by position instead of gathering two fields per row (fewer loads and address computations in
+    its main loop, docs/kernels.md item 36)."""
+    n = routes.rows.numel()
+    r_lse = torch.empty(n, device=record.device, dtype=torch.float32)
+    r_delta = torch.empty_like(r_lse)
+    _routed_records_kernel[(triton.cdiv(n, 1024),)](routes.rows, record[..., 0], record[..., 1], r_lse, r_delta, n,
+                                                    REC=ROW_REC, BLOCK=1024)
+    return r_lse, r_delta
 
 
 def dq_own(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, dq_sum: Tensor, layout: Layout,

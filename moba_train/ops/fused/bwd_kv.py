@@ -2,8 +2,9 @@
 
 It walks every query row that attends to the chunk: first the causal rows of its own block (contiguous, each
 query head of the group), then the rows routed to the block from later blocks (gathered by index, all slots
-of segment (kv head, block) are contiguous in the routing). Scores are formed transposed ([keys, rows]) so
-every matrix product takes its register operand as is; dQ is left to bwd_q (no atomics here).
+of segment (kv head, block) are contiguous in the routing; their lse and delta copied in routing order by
+`routed_records`, so those loads are contiguous). Scores are formed transposed ([keys, rows]) so every matrix
+product takes its register operand as is; dQ is left to bwd_q (no atomics here).
 """
 
 import triton
@@ -13,9 +14,7 @@ from moba_train.ops.fused.bwd_q import load_rows
 
 
 @triton.jit
-def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_log2,
-             D: tl.constexpr, REC: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
+def _kv_step(q, do, lse, delta, tok, k, v, dk, dv, offs_n, scale_log2, CAUSAL: tl.constexpr, PREC: tl.constexpr):
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # [keys, rows]
     # rows past the end load q = dO = 0 and add nothing; keys past the end are never stored: only causality masks
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -28,9 +27,37 @@ def _kv_step(Q, DO, Lse, Delta, rows, mask_m, tok, k, v, dk, dv, offs_n, scale_l
     return dk, dv
 
 
+@triton.jit
+def _kv_walk(Q, DO, Lse, Delta, Rows, lo, hi, head, k, v, dk, dv, offs_n, scale_log2, HQ: tl.constexpr,
+             D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr):
+    """Rows lo .. hi, no causal mask: whole tiles unmasked (no predicate or zero-fill size per load), then the
+    short tail. GATHER: routed rows Rows[lo:hi] (Lse, Delta: the routing-order copies); else tokens lo .. hi of
+    query head `head` (Lse, Delta: fields of the per-row record)."""
+    full = lo + tl.maximum(hi - lo, 0) // BLOCK_M * BLOCK_M
+    for r0 in range(lo, full, BLOCK_M):
+        offs = r0 + tl.arange(0, BLOCK_M)
+        if GATHER:
+            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, tl.load(Rows + offs).to(tl.int64), offs, None, D, True)
+        else:
+            rows = offs.to(tl.int64) * HQ + head
+            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, None, D, True)
+        dk, dv = _kv_step(q, do, lse, delta, offs, k, v, dk, dv, offs_n, scale_log2, False, PREC)
+    if full < hi:
+        offs = full + tl.arange(0, BLOCK_M)
+        mask = offs < hi
+        if GATHER:
+            rows = tl.load(Rows + offs, mask=mask, other=0).to(tl.int64)
+            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, offs, mask, D)
+        else:
+            rows = offs.to(tl.int64) * HQ + head
+            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, mask, D)
+        dk, dv = _kv_step(q, do, lse, delta, offs, k, v, dk, dv, offs_n, scale_log2, False, PREC)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["NB"])
-def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB, N_SLOTS,
-              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr,
+def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, RLse, RDelta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB,
+              N_SLOTS, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     chunk = tl.program_id(0)
     hk = tl.program_id(1)
@@ -55,22 +82,15 @@ def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, DK, DV, Rows, SegStart, Chunks, BlkStar
         head = hk * group + g
         for m0 in range(n0, n0 + diag, BLOCK_M):
             tok = m0 + tl.arange(0, BLOCK_M)
-            mask_m = tok < t_end
-            dk, dv = _kv_step(Q, DO, Lse, Delta, tok.to(tl.int64) * HQ + head, mask_m, tok, k, v, dk, dv, offs_n,
-                              scale_log2, D, REC, True, PREC)
-        for m0 in range(n0 + diag, t_end, BLOCK_M):
-            tok = m0 + tl.arange(0, BLOCK_M)
-            mask_m = tok < t_end
-            dk, dv = _kv_step(Q, DO, Lse, Delta, tok.to(tl.int64) * HQ + head, mask_m, tok, k, v, dk, dv, offs_n,
-                              scale_log2, D, REC, False, PREC)
+            rows = tok.to(tl.int64) * HQ + head
+            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, tok < t_end, D)
+            dk, dv = _kv_step(q, do, lse, delta, tok, k, v, dk, dv, offs_n, scale_log2, True, PREC)
+        dk, dv = _kv_walk(Q, DO, Lse, Delta, Rows, n0 + diag, t_end, head, k, v, dk, dv, offs_n, scale_log2, HQ, D,
+                          REC, PREC, BLOCK_M, False)
     # later blocks that selected this one
     lo = tl.load(SegStart + (hk * NB + gb) * N_SLOTS)
     hi = tl.load(SegStart + (hk * NB + gb + 1) * N_SLOTS)
-    for r0 in range(lo, hi, BLOCK_M):
-        offs_r = r0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_r < hi
-        rows = tl.load(Rows + offs_r, mask=mask_m, other=0).to(tl.int64)
-        dk, dv = _kv_step(Q, DO, Lse, Delta, rows, mask_m, offs_r, k, v, dk, dv, offs_n, scale_log2, D, REC,
-                          False, PREC)
+    dk, dv = _kv_walk(Q, DO, RLse, RDelta, Rows, lo, hi, 0, k, v, dk, dv, offs_n, scale_log2, HQ, D, REC, PREC,
+                      BLOCK_M, True)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])

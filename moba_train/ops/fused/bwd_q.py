@@ -36,13 +36,21 @@ def _dq_update(q, do, lse, delta, dq, k, v, live, scale_log2, MASKED: tl.constex
 
 
 @triton.jit
-def load_rows(Q, DO, Lse, Delta, rows, mask_m, D: tl.constexpr, REC: tl.constexpr):
-    """q, dO, lse (base 2) and delta of the rows; lse and delta are fields of a per-row record REC floats wide."""
+def load_rows(Q, DO, Lse, Delta, rows, rec, mask_m, D: tl.constexpr, FULL: tl.constexpr = False):
+    """q, dO, lse (base 2, as `bwd.row_records` keeps it) and delta of the rows; `rec` indexes Lse and Delta (rows
+    times the record's width, or positions in dK/dV's routing-order copies). FULL: every row is real, so the loads
+    take no mask (no predicate and zero-fill size per load)."""
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
-    lse = tl.load(Lse + rows * REC, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + rows * REC, mask=mask_m, other=0.0)
+    if FULL:
+        q = tl.load(Q + ptrs)
+        do = tl.load(DO + ptrs)
+        lse = tl.load(Lse + rec)
+        delta = tl.load(Delta + rec)
+    else:
+        q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
+        do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
+        lse = tl.load(Lse + rec, mask=mask_m, other=0.0)
+        delta = tl.load(Delta + rec, mask=mask_m, other=0.0)
     return q, do, lse, delta
 
 
@@ -62,7 +70,7 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tile0 + tl.program_id(0)
     hk, k_start, k_len, mask_m, rows = past_tile(Tiles, Rows, BlkStart, BlkLen, tile, NB, BLOCK_M)
-    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, mask_m, D)
     dq = _past_sum(DQsum, DQscale, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)  # up front: overlaps the keys'
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
@@ -89,7 +97,7 @@ def dq_past_block_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles,
         k1, v1, live1 = block_chunk(Kd, Vd, k_start, BLOCK_N, k_len, hk, D, BLOCK_N)
     for m0 in range(0, n_rows, BLOCK_M):
         mask_m, rows = entry_rows(Rows, r0, m0, n_rows, BLOCK_M)
-        q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
+        q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, mask_m, D)
         dq = _past_sum(DQsum, DQscale, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)
         dq = _dq_update(q, do, lse, delta, dq, k0, v0, live0, scale_log2, True, PREC)
         if CHUNKS == 2:
@@ -102,7 +110,7 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, DQ, QTiles, BlkStar
                   HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_PAST: tl.constexpr, SCALED: tl.constexpr,
                   REC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     hk, t0, gb, k_start, t_end, offs_m, mask_m, rows = own_tile(QTiles, BlkStart, BlkLen, HQ, HKV, BLOCK_M)
-    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, mask_m, D, REC)
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, mask_m, D)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile (tile_m % BLOCK_N == 0)

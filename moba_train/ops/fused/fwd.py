@@ -27,11 +27,12 @@ STATE_REC = 4  # fields per row of the running state's record: max, sum, acc sca
 @triton.jit
 def _update(q, k, v, live, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
     """Online softmax over one chunk of keys k, v; `live` masks scores when MASKED."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASKED:
         s = tl.where(live, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    # the max of the raw scores, scaled once per row (scaling is monotonic); the scale folds into the exp's FMA
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
