@@ -83,7 +83,7 @@ def main():
         ("forward past", *fwd_past, cfg["past"]),
         ("forward own", fwd._own_kernel, {**heads, **state, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["own"]),
-        ("dK/dV", bwd_kv.kv_kernel, {**heads, **records}, cfg["kv"]),
+        ("dK/dV", bwd_kv.kv_kernel, {**heads, **records, "ROUTED": args.block_size > cfg["kv"]["BLOCK_N"]}, cfg["kv"]),
         ("dQ past", *dq_past, cfg["dq_past"]),
         ("dQ own", bwd_q.dq_own_kernel, {**heads, **records, "BLOCK_M": tile_m, "HAS_PAST": True, "SCALED": scaled},
          cfg["dq_own"]),

@@ -79,18 +79,22 @@ def dkv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Lay
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
     # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
     kv_k, kv_v = kv_desc(k, cfg["kv"]["BLOCK_N"]), kv_desc(v, cfg["kv"]["BLOCK_N"])
-    r_lse, r_delta = routed_records(record, routes)
+    # a routed row meets every key chunk of its block: where there are several, one copy of its lse and delta in
+    # routing order (a gather per routed row) makes every chunk's loads of them contiguous; with one chunk per
+    # block the copy would cost what it saves
+    routed = layout.block_size > cfg["kv"]["BLOCK_N"]
+    r_lse, r_delta = routed_records(record, routes) if routed else (record[..., 0], record[..., 1])
     kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, record[..., 0], record[..., 1], r_lse, r_delta, dk, dv,
                                       routes.rows, routes.seg_start, chunks, layout.blk_start, layout.blk_len, scale,
                                       layout.n_blocks, routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec,
-                                      **cfg["kv"])
+                                      ROUTED=routed, **cfg["kv"])
     return dk, dv
 
 
 def routed_records(record: Tensor, routes: Routes) -> tuple[Tensor, Tensor]:
     """lse and delta of every routed row in routing order, [T * Hq * n_slots] fp32 each: dK/dV then reads them
-    contiguously by position instead of gathering two fields per row (fewer loads and address computations in
-    its main loop, docs/kernels.md item 36)."""
+    contiguously by position instead of gathering two record fields per row (fewer loads and address computations
+    in its main loop, docs/kernels.md item 36)."""
     n = routes.rows.numel()
     r_lse = torch.empty(n, device=record.device, dtype=torch.float32)
     r_delta = torch.empty_like(r_lse)

@@ -2,15 +2,17 @@
 
 It walks every query row that attends to the chunk: first the causal rows of its own block (contiguous, each
 query head of the group), then the rows routed to the block from later blocks (gathered by index, all slots
-of segment (kv head, block) are contiguous in the routing; their lse and delta copied in routing order by
-`routed_records`, so those loads are contiguous). Scores are formed transposed ([keys, rows]) so every matrix
-product takes its register operand as is; dQ is left to bwd_q (no atomics here).
+of segment (kv head, block) are contiguous in the routing; where a block spans several key chunks, their lse
+and delta come from copies in routing order, `bwd.routed_records`, so each chunk loads them contiguously).
+Whole row tiles go unmasked. Scores are formed transposed ([keys, rows]) so every matrix product takes its
+register operand as is; dQ is left to bwd_q (no atomics here).
 """
 
 import triton
 import triton.language as tl
 
 from moba_train.ops.fused.bwd_q import load_rows
+from moba_train.ops.fused.rows import row_load
 
 
 @triton.jit
@@ -28,37 +30,41 @@ def _kv_step(q, do, lse, delta, tok, k, v, dk, dv, offs_n, scale_log2, CAUSAL: t
 
 
 @triton.jit
+def _kv_rows(Q, DO, Lse, Delta, Rows, offs, mask, head, k, v, dk, dv, offs_n, scale_log2, HQ: tl.constexpr,
+             D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr, ROUTED: tl.constexpr):
+    """`_kv_step` over one tile of rows, no causal mask (mask None: a whole tile). GATHER: routed rows at positions
+    offs of Rows (ROUTED: Lse, Delta are the routing-order copies); else tokens offs of query head `head`. Lse and
+    Delta are otherwise fields of the per-row record."""
+    if GATHER:
+        rows = row_load(Rows + offs, mask, 0).to(tl.int64)
+        rec = offs if ROUTED else rows * REC
+    else:
+        rows = offs.to(tl.int64) * HQ + head
+        rec = rows * REC
+    q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rec, mask, D)
+    return _kv_step(q, do, lse, delta, offs, k, v, dk, dv, offs_n, scale_log2, False, PREC)
+
+
+@triton.jit
 def _kv_walk(Q, DO, Lse, Delta, Rows, lo, hi, head, k, v, dk, dv, offs_n, scale_log2, HQ: tl.constexpr,
-             D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr):
-    """Rows lo .. hi, no causal mask: whole tiles unmasked (no predicate or zero-fill size per load), then the
-    short tail. GATHER: routed rows Rows[lo:hi] (Lse, Delta: the routing-order copies); else tokens lo .. hi of
-    query head `head` (Lse, Delta: fields of the per-row record)."""
+             D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
+             ROUTED: tl.constexpr):
+    """`_kv_rows` over rows lo .. hi: whole tiles unmasked, then the short tail."""
     full = lo + tl.maximum(hi - lo, 0) // BLOCK_M * BLOCK_M
     for r0 in range(lo, full, BLOCK_M):
-        offs = r0 + tl.arange(0, BLOCK_M)
-        if GATHER:
-            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, tl.load(Rows + offs).to(tl.int64), offs, None, D, True)
-        else:
-            rows = offs.to(tl.int64) * HQ + head
-            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, None, D, True)
-        dk, dv = _kv_step(q, do, lse, delta, offs, k, v, dk, dv, offs_n, scale_log2, False, PREC)
+        dk, dv = _kv_rows(Q, DO, Lse, Delta, Rows, r0 + tl.arange(0, BLOCK_M), None, head, k, v, dk, dv, offs_n,
+                          scale_log2, HQ, D, REC, PREC, GATHER, ROUTED)
     if full < hi:
         offs = full + tl.arange(0, BLOCK_M)
-        mask = offs < hi
-        if GATHER:
-            rows = tl.load(Rows + offs, mask=mask, other=0).to(tl.int64)
-            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, offs, mask, D)
-        else:
-            rows = offs.to(tl.int64) * HQ + head
-            q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, mask, D)
-        dk, dv = _kv_step(q, do, lse, delta, offs, k, v, dk, dv, offs_n, scale_log2, False, PREC)
+        dk, dv = _kv_rows(Q, DO, Lse, Delta, Rows, offs, offs < hi, head, k, v, dk, dv, offs_n, scale_log2, HQ, D,
+                          REC, PREC, GATHER, ROUTED)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["NB"])
 def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, RLse, RDelta, DK, DV, Rows, SegStart, Chunks, BlkStart, BlkLen, scale, NB,
               N_SLOTS, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REC: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     chunk = tl.program_id(0)
     hk = tl.program_id(1)
     group: tl.constexpr = HQ // HKV
@@ -86,11 +92,11 @@ def kv_kernel(Q, Kd, Vd, DO, Lse, Delta, RLse, RDelta, DK, DV, Rows, SegStart, C
             q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, tok < t_end, D)
             dk, dv = _kv_step(q, do, lse, delta, tok, k, v, dk, dv, offs_n, scale_log2, True, PREC)
         dk, dv = _kv_walk(Q, DO, Lse, Delta, Rows, n0 + diag, t_end, head, k, v, dk, dv, offs_n, scale_log2, HQ, D,
-                          REC, PREC, BLOCK_M, False)
+                          REC, PREC, BLOCK_M, False, False)
     # later blocks that selected this one
     lo = tl.load(SegStart + (hk * NB + gb) * N_SLOTS)
     hi = tl.load(SegStart + (hk * NB + gb + 1) * N_SLOTS)
     dk, dv = _kv_walk(Q, DO, RLse, RDelta, Rows, lo, hi, 0, k, v, dk, dv, offs_n, scale_log2, HQ, D, REC, PREC,
-                      BLOCK_M, True)
+                      BLOCK_M, True, ROUTED)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])

@@ -11,24 +11,24 @@ import triton
 import triton.language as tl
 
 from moba_train.ops.fused.layout import block_chunk, entry_rows, own_tile, past_item, past_tile
+from moba_train.ops.fused.rows import row_load, tile_load
 from moba_train.ops.fused.state import load_rows_sum, store_rows_sum
 
 
 @triton.jit
-def _dq_chunk(q, do, lse, delta, dq, Kd, Vd, key0, live, hk, D: tl.constexpr, scale_log2, MASKED: tl.constexpr,
-              PREC: tl.constexpr):
+def _dq_chunk(q, do, lse, delta, dq, Kd, Vd, key0, live, hk, D: tl.constexpr, scale_log2, PREC: tl.constexpr):
     """`_dq_update` over the chunk of keys from token key0 (TMA: rows past T are zeros, rows past the block are
     masked by `live`)."""
     return _dq_update(q, do, lse, delta, dq, Kd.load([key0, hk * D]), Vd.load([key0, hk * D]), live, scale_log2,
-                      MASKED, PREC)
+                      PREC)
 
 
 @triton.jit
-def _dq_update(q, do, lse, delta, dq, k, v, live, scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """dq + dS K over one chunk of keys k, v."""
+def _dq_update(q, do, lse, delta, dq, k, v, live, scale_log2, PREC: tl.constexpr):
+    """dq + dS K over one chunk of keys k, v; `live` masks them (None: every key is live)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     p = tl.math.exp2(s - lse[:, None])
-    if MASKED:  # rows past the end are never stored, so only key tails and causality mask
+    if live is not None:  # rows past the end are never stored, so only key tails and causality mask
         p = tl.where(live, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -36,22 +36,12 @@ def _dq_update(q, do, lse, delta, dq, k, v, live, scale_log2, MASKED: tl.constex
 
 
 @triton.jit
-def load_rows(Q, DO, Lse, Delta, rows, rec, mask_m, D: tl.constexpr, FULL: tl.constexpr = False):
-    """q, dO, lse (base 2, as `bwd.row_records` keeps it) and delta of the rows; `rec` indexes Lse and Delta (rows
-    times the record's width, or positions in dK/dV's routing-order copies). FULL: every row is real, so the loads
-    take no mask (no predicate and zero-fill size per load)."""
+def load_rows(Q, DO, Lse, Delta, rows, rec, mask_m, D: tl.constexpr):
+    """q, dO, lse (base 2, as `bwd.row_records` keeps it) and delta of the rows (mask_m None: every row is real);
+    `rec` indexes Lse and Delta (rows times the record's width, or positions in dK/dV's routing-order copies)."""
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    if FULL:
-        q = tl.load(Q + ptrs)
-        do = tl.load(DO + ptrs)
-        lse = tl.load(Lse + rec)
-        delta = tl.load(Delta + rec)
-    else:
-        q = tl.load(Q + ptrs, mask=mask_m[:, None], other=0.0)
-        do = tl.load(DO + ptrs, mask=mask_m[:, None], other=0.0)
-        lse = tl.load(Lse + rec, mask=mask_m, other=0.0)
-        delta = tl.load(Delta + rec, mask=mask_m, other=0.0)
-    return q, do, lse, delta
+    return (tile_load(Q + ptrs, mask_m, 0.0), tile_load(DO + ptrs, mask_m, 0.0), row_load(Lse + rec, mask_m, 0.0),
+            row_load(Delta + rec, mask_m, 0.0))
 
 
 @triton.jit
@@ -74,11 +64,11 @@ def dq_past_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles, tile0
     dq = _past_sum(DQsum, DQscale, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)  # up front: overlaps the keys'
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):
-        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, False, PREC)
+        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + n0, None, hk, D, scale_log2, PREC)
     if full < k_len:
         offs = full + tl.arange(0, BLOCK_N)
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, k_start + full, (offs < k_len)[None, :], hk, D, scale_log2,
-                       True, PREC)
+                       PREC)
     store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, REC)
 
 
@@ -99,9 +89,9 @@ def dq_past_block_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, Rows, Tiles,
         mask_m, rows = entry_rows(Rows, r0, m0, n_rows, BLOCK_M)
         q, do, lse, delta = load_rows(Q, DO, Lse, Delta, rows, rows * REC, mask_m, D)
         dq = _past_sum(DQsum, DQscale, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)
-        dq = _dq_update(q, do, lse, delta, dq, k0, v0, live0, scale_log2, True, PREC)
+        dq = _dq_update(q, do, lse, delta, dq, k0, v0, live0, scale_log2, PREC)
         if CHUNKS == 2:
-            dq = _dq_update(q, do, lse, delta, dq, k1, v1, live1, scale_log2, True, PREC)
+            dq = _dq_update(q, do, lse, delta, dq, k1, v1, live1, scale_log2, PREC)
         store_rows_sum(DQsum, DQscale, rows, mask_m, dq, D, SCALED, REC)
 
 
@@ -114,12 +104,12 @@ def dq_own_kernel(Q, Kd, Vd, DO, Lse, Delta, DQsum, DQscale, DQ, QTiles, BlkStar
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     scale_log2 = scale * 1.4426950408889634
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile (tile_m % BLOCK_N == 0)
-        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, n0, None, hk, D, scale_log2, False, PREC)
+        dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, n0, None, hk, D, scale_log2, PREC)
     hi = tl.minimum(t0 + BLOCK_M, t_end)
     for n0 in range(t0, hi, BLOCK_N):  # the diagonal
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dq = _dq_chunk(q, do, lse, delta, dq, Kd, Vd, n0, offs_n[None, :] <= offs_m[:, None], hk, D, scale_log2,
-                       True, PREC)
+                       PREC)
     if HAS_PAST:  # rows of a document's first block have no past part (DQsum never written there)
         # compared as a vector: a scalar condition broadcast into the mask fails in the interpreter
         live = mask_m & (tl.zeros([BLOCK_M], tl.int32) < tl.load(BlkLocal + gb))

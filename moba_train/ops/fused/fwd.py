@@ -25,10 +25,10 @@ STATE_REC = 4  # fields per row of the running state's record: max, sum, acc sca
 
 
 @triton.jit
-def _update(q, k, v, live, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over one chunk of keys k, v; `live` masks scores when MASKED."""
+def _update(q, k, v, live, m_i, l_i, acc, scale_log2, PREC: tl.constexpr):
+    """Online softmax over one chunk of keys k, v; `live` masks scores (None: every key is live)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if MASKED:
+    if live is not None:
         s = tl.where(live, s, float("-inf"))
     # the max of the raw scores, scaled once per row (scaling is monotonic); the scale folds into the exp's FMA
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
@@ -40,11 +40,9 @@ def _update(q, k, v, live, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr, PREC
 
 
 @triton.jit
-def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr, MASKED: tl.constexpr,
-          PREC: tl.constexpr):
+def _step(q, Kd, Vd, key0, live, hk, m_i, l_i, acc, scale_log2, D: tl.constexpr, PREC: tl.constexpr):
     """`_update` over the chunk of keys from token key0 (TMA loads)."""
-    return _update(q, Kd.load([key0, hk * D]), Vd.load([key0, hk * D]), live, m_i, l_i, acc, scale_log2, MASKED,
-                   PREC)
+    return _update(q, Kd.load([key0, hk * D]), Vd.load([key0, hk * D]), live, m_i, l_i, acc, scale_log2, PREC)
 
 
 @triton.jit
@@ -84,11 +82,11 @@ def _past_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart, BlkL
     m_i, l_i, acc = _load_state(Acc, Scale, M, L, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)
     full = k_len - k_len % BLOCK_N
     for n0 in range(0, full, BLOCK_N):  # whole chunks: no mask
-        m_i, l_i, acc = _step(q, Kd, Vd, k_start + n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
+        m_i, l_i, acc = _step(q, Kd, Vd, k_start + n0, None, hk, m_i, l_i, acc, scale_log2, D, PREC)
     if full < k_len:  # the short tail of a document's last block
         offs_n = full + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _step(q, Kd, Vd, k_start + full, (offs_n < k_len)[None, :], hk, m_i, l_i, acc, scale_log2,
-                              D, True, PREC)
+                              D, PREC)
     _store_state(Acc, Scale, M, L, rows, mask_m, m_i, l_i, acc, D, SCALED, REC)
 
 
@@ -106,7 +104,7 @@ def _past_block_kernel(Q, Kd, Vd, Acc, Scale, M, L, Rows, Tiles, tile0, BlkStart
         mask_m, rows = entry_rows(Rows, r0, m0, n_rows, BLOCK_M)
         q = tl.load(Q + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask_m[:, None], other=0.0)
         m_i, l_i, acc = _load_state(Acc, Scale, M, L, rows, mask_m, D, BLOCK_M, FIRST, SCALED, REC)
-        m_i, l_i, acc = _update(q, k, v, live, m_i, l_i, acc, scale_log2, True, PREC)
+        m_i, l_i, acc = _update(q, k, v, live, m_i, l_i, acc, scale_log2, PREC)
         _store_state(Acc, Scale, M, L, rows, mask_m, m_i, l_i, acc, D, SCALED, REC)
 
 
@@ -128,12 +126,12 @@ def _own_kernel(Q, Kd, Vd, Acc, Scale, M, L, Out, Lse, QTiles, BlkStart, BlkLen,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(k_start, t0, BLOCK_N):  # keys before the tile: visible to every row (tile_m % BLOCK_N == 0)
-        m_i, l_i, acc = _step(q, Kd, Vd, n0, None, hk, m_i, l_i, acc, scale_log2, D, False, PREC)
+        m_i, l_i, acc = _step(q, Kd, Vd, n0, None, hk, m_i, l_i, acc, scale_log2, D, PREC)
     hi = tl.minimum(t0 + BLOCK_M, t_end)
     for n0 in range(t0, hi, BLOCK_N):  # the diagonal: causal mask
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _step(q, Kd, Vd, n0, offs_n[None, :] <= offs_m[:, None], hk, m_i, l_i, acc, scale_log2, D,
-                              True, PREC)
+                              PREC)
 
     out = acc / l_i[:, None]
     tl.store(Out + rows[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask_m[:, None])
