@@ -4,7 +4,7 @@ Compiles each kernel at the tile configs `tiles()` picks and runs Triton's bundl
 and shared-memory overflows show up before any GPU time is spent. Match the GPU machine's Triton for the same
 code generation (e.g. `pip install --target /tmp/t36 triton==3.6.0` and put /tmp/t36 first on PYTHONPATH).
 
-    PYTHONPATH=. python scripts/kernel_regs.py --dtype bf16 --dim 128 --block-size 2048
+    PYTHONPATH=. python scripts/kernel_regs.py --dtype bf16 --dim 128 --block-size 2048 [--sass DIR]
 """
 
 import argparse
@@ -24,8 +24,10 @@ SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 RECORD_FIELDS = {"L", "Scale", "Delta", "DQscale"}  # views of a per-row record at 4 or 8 bytes past 16-byte alignment
 
 
-def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int) -> tuple[int, int, int]:
-    """-> (registers per thread, spill bytes, shared bytes) of one specialisation."""
+def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int,
+           sass: str | None = None) -> tuple[int, int, int]:
+    """-> (registers per thread, spill bytes, shared bytes) of one specialisation; `sass`: also write its SASS
+    there (cuobjdump's listing, for counting a loop's instructions)."""
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         signature[name] = "constexpr" if name in consts else types[name]
@@ -40,8 +42,13 @@ def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int) -
             f.write(compiled.asm["ptx"])
         done = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.o")],
                               capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"error: ptxas of triton {triton.__version__} failed: {done.stderr.strip()[:300]}")
+        if done.returncode:
+            raise SystemExit(f"error: ptxas of triton {triton.__version__} failed: {done.stderr.strip()[:300]}")
+        if sass:
+            listing = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass",
+                                      os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
+            with open(sass, "w") as f:
+                f.write(listing.stdout)
     log = done.stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
@@ -54,7 +61,10 @@ def main():
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=2048)
     parser.add_argument("--heads", type=int, nargs=2, default=(32, 8))
+    parser.add_argument("--sass", metavar="DIR", help="also write each kernel's SASS listing into DIR")
     args = parser.parse_args()
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
     hq, hkv = args.heads
     elem = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
     prec = "ieee" if elem == 4 else "tf32"
@@ -94,14 +104,16 @@ def main():
     for name, kernel, consts, launch in cases:
         launch = dict(launch)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
-        regs, spills, shared = report(kernel, with_desc(launch), {**consts, **launch}, warps, stages)
+        sass = os.path.join(args.sass, name.replace(" ", "_").replace("/", "") + ".sass") if args.sass else None
+        regs, spills, shared = report(kernel, with_desc(launch), {**consts, **launch}, warps, stages, sass)
         print(f"| {name} | {launch} w{warps} s{stages} | {regs} | {spills} | {shared / 1024:.0f} | "
               f"{'yes' if shared <= SMEM_LIMIT else 'NO'} |")
     if elem == 2:  # 16-bit queries read the means as bf16 parts (fp16 queries in two bf16 parts themselves)
         gate_types = {**types, "Out": "*i32", "Means": "*bf16", "part_stride": "i32"}  # Means: the bf16 parts
         consts = dict(HQ=hq, HKV=hkv, D=args.dim, TOPK=3, KP=4, BLOCK_M=tile_m, BLOCK_B=32,
                       Q_PARTS=2 if args.dtype == "fp16" else 1)
-        regs, spills, shared = report(gate._gate_kernel, gate_types, consts, 4, 3)
+        regs, spills, shared = report(gate._gate_kernel, gate_types, consts, 4, 3,
+                                      os.path.join(args.sass, "gate.sass") if args.sass else None)
         print(f"| gate (top_k 3) | BLOCK_B 32 w4 | {regs} | {spills} | {shared / 1024:.0f} | "
               f"{'yes' if shared <= SMEM_LIMIT else 'NO'} |")
 
