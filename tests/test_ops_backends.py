@@ -182,6 +182,9 @@ def _sums_roundtrip(X, Sums, Scale, Y, N: tl.constexpr, D: tl.constexpr):
     rows = tl.arange(0, N)
     ptrs = rows[:, None] * D + tl.arange(0, D)[None, :]
     store_rows_sum(Sums, Scale, rows, rows < N, tl.load(X + ptrs), D, True, 1)
+    # other threads of the program read back what these wrote: without the barrier a GPU run may read the buffers
+    # before the writes land (one failure in the twelfth session; the interpreter runs threads in order)
+    tl.debug_barrier()
     tl.store(Y + ptrs, load_rows_sum(Sums, Scale, rows, rows < N, D, True, 1))
 
 
