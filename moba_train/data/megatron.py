@@ -15,8 +15,8 @@ Sample indices are cached in `data.megatron.cache_dir` (default `<dir of the fir
 in a subdirectory named by a fingerprint of the data files (path, size, mtime), so a prefix rewritten with
 new data gets a new index rather than a stale one; the indexes of the files' earlier versions (same prefixes,
 another fingerprint) are then removed, so rewrites do not pile up index files. Rank 0 builds them, the other
-ranks read them after a barrier, so on several nodes it must be a shared filesystem (as in Megatron-LM). Reading is synchronous in
-the training process (memory-mapped; cheap next to a long-context step).
+ranks read them after a barrier, so on several nodes it must be a shared filesystem (as in Megatron-LM).
+Reading is synchronous in the training process (memory-mapped; cheap next to a long-context step).
 """
 
 import hashlib

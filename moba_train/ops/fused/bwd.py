@@ -79,16 +79,20 @@ def dkv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, record: Tensor, layout: Lay
     chunks = layout.key_chunks(cfg["kv"]["BLOCK_N"])
     # without past slots the placeholder seg_start (one zero) with N_SLOTS = 0 gives every block no routed rows
     kv_k, kv_v = kv_desc(k, cfg["kv"]["BLOCK_N"]), kv_desc(v, cfg["kv"]["BLOCK_N"])
-    # a routed row meets every key chunk of its block: where there are several, one copy of its lse and delta in
-    # routing order (a gather per routed row) makes every chunk's loads of them contiguous; with one chunk per
-    # block the copy would cost what it saves
-    routed = layout.block_size > cfg["kv"]["BLOCK_N"]
+    routed = uses_routed_records(layout.block_size, cfg)
     r_lse, r_delta = routed_records(record, routes) if routed else (record[..., 0], record[..., 1])
     kv_kernel[(chunks.shape[0], hkv)](q, kv_k, kv_v, do, record[..., 0], record[..., 1], r_lse, r_delta, dk, dv,
                                       routes.rows, routes.seg_start, chunks, layout.blk_start, layout.blk_len, scale,
                                       layout.n_blocks, routes.n_slots, HQ=hq, HKV=hkv, D=dim, REC=ROW_REC, PREC=prec,
                                       ROUTED=routed, **cfg["kv"])
     return dk, dv
+
+
+def uses_routed_records(block_size: int, cfg: dict) -> bool:
+    """Whether dK/dV reads the routed rows' lse and delta from copies in routing order (`routed_records`). A
+    routed row meets every key chunk of its block: where there are several, the copy (a gather per routed row)
+    makes every chunk's loads of them contiguous; with one chunk per block it would cost what it saves."""
+    return block_size > cfg["kv"]["BLOCK_N"]
 
 
 def routed_records(record: Tensor, routes: Routes) -> tuple[Tensor, Tensor]:
