@@ -35,6 +35,7 @@ OWN = [{"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_wa
        {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}]
 KV = [{"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
       {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+      {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
       {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
       {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
       {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
