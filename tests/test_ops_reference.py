@@ -11,6 +11,8 @@ import torch
 
 from conftest import packed
 from moba_train.ops import full_attn, moba_attn, moba_select
+from moba_train.ops.gate import attended_share
+from moba_train.ops.naive import allowed_keys
 
 
 def grads(fn, q, k, v, seed=1):
@@ -282,3 +284,12 @@ def test_equal_documents_split_into_calls_within_the_index_limit(monkeypatch):
     want = grads(lambda q, k, v: full.equal_docs_sdpa(q, k, v, 16, None), q, k, v)
     monkeypatch.setattr(full, "CHUNK_ROWS", 2 * 16 * 4)  # two documents per call
     assert_same(grads(lambda q, k, v: full.equal_docs_sdpa(q, k, v, 16, None), q, k, v), want)
+
+
+@pytest.mark.parametrize("length, block, top_k", [(300, 32, 3), (256, 64, 8), (200, 64, 2), (97, 16, 1), (130, 64, 3)])
+def test_attended_share_counts_the_mask(length, block, top_k):
+    """`attended_share` (a formula) against the pairs the reference's mask lets through on a real selection."""
+    q, k, _, cu, max_len = packed([length], 2, 1, 8, seed=3, requires_grad=False)
+    idx = moba_select(q, k, cu, max_len, block, top_k)
+    seen = int(allowed_keys(idx, block, 0, length).sum())
+    assert attended_share(length, block, top_k) == seen / (2 * length * (length + 1) // 2)

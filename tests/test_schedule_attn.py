@@ -1,12 +1,16 @@
 """Staged attention (MoBA <-> full per layer at step fractions) and staged sequence lengths."""
 
+import logging
+
 import pytest
 import torch
 
+from moba_train.config import Config
 from moba_train.errors import ConfigError
 from moba_train.model import AttentionConfig, Llama, ModelConfig
 from moba_train.train.schedule_attn import AttentionSchedule, describe
 from moba_train.train.seq_stages import SeqLenSchedule
+from moba_train.train.stages import TrainingStages
 
 
 def test_paper_recipe_switches_at_90_percent():
@@ -89,3 +93,29 @@ def test_seq_len_stage_loss_equals_separate_rows():
         staged = model(b["input_ids"], None, b["cu_seqlens"], labels=b["labels"])[0]
         rows = model(ids.view(4, 32), labels=ids.view(4, 32))[0]
     assert torch.allclose(staged, rows, atol=1e-4)
+
+
+def test_dense_moba_warns_once_per_stage(caplog):
+    """MoBA attending nearly every causal pair is no faster than full attention: the stages say so when a stage
+    starts (64 tokens at block 4 / top_k 12: 16 blocks, 92% of the pairs), not at the sparse first stage, and
+    not where MoBA is full attention (top_k covers every block)."""
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    cfg.attention = AttentionConfig(kind="moba", block_size=4, top_k=12, backend="naive")
+    cfg.train.steps = 10
+    cfg.data.seq_len = 256  # 64 blocks: 39% of the pairs
+    cfg.data.seq_len_schedule = [{"at": 0.5, "seq_len": 64}]
+    model = Llama(cfg.model, cfg.attention)
+    stages = TrainingStages(cfg)
+    with caplog.at_level(logging.WARNING, logger="moba_train.train.stages"):
+        for step in range(10):
+            stages.begin_step(model, step)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("step 5: MoBA (block_size 4, top_k 12) attends 92%")
+    cfg.attention.top_k = 16  # 16 blocks of 64 tokens, all selected: full attention, no warning
+    caplog.clear()
+    stages = TrainingStages(cfg)
+    with caplog.at_level(logging.WARNING, logger="moba_train.train.stages"):
+        for step in range(10):
+            stages.begin_step(model, step)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

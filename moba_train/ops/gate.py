@@ -95,6 +95,18 @@ def select_doc(q: Tensor, k: Tensor, block_size: int, top_k: int) -> Tensor:
     return torch.where(key == n_blocks, -1, key).to(torch.int32)
 
 
+def attended_share(length: int, block_size: int, top_k: int) -> float:
+    """The fraction of a document's causal (query, key) pairs that MoBA attends: a query sees its own block up to
+    itself and top_k - 1 earlier blocks (all of them while fewer exist), whatever the scores."""
+    if length <= 0:
+        return 1.0
+    seen = 0
+    for j, start in enumerate(range(0, length, block_size)):
+        n = min(block_size, length - start)
+        seen += n * (n + 1) // 2 + n * min(j, top_k - 1) * block_size
+    return seen / (length * (length + 1) // 2)
+
+
 def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int,
                 top_k: int) -> Tensor:
     """Reference gate over a packed batch: [T, Hq, top_k] int32 block indices within each document."""
