@@ -50,11 +50,11 @@ def tiles(block_size: int, dim: int, elem_bytes: int, interpret: bool = False) -
                      {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
             "own": {"BLOCK_N": 128 if wide_keys else 64, "num_warps": 4 if narrow else 8, "num_stages": 3},
             # dK/dV: since its row loop lost its per-load masks (item 36), four-warp 64x64 tiles (two programs per
-            # SM) beat 128-key eight-warp ones at 512-key blocks (256 and 1024 take them too); from 2048 on the
-            # eight-warp tile holds. Narrow rows: a third stage since item 36 (-6-11%, item 40)
+            # SM) beat 128-key eight-warp ones at 128- and 512-key blocks (256 and 1024 take them too); from 2048
+            # on the eight-warp tile holds. Narrow rows: a third stage since item 36 (-6-11%, item 40)
             "kv": ({"BLOCK_M": 32 if narrow else 64, "BLOCK_N": 128, "num_warps": 4 if narrow else 8,
-                    "num_stages": 3 if narrow else 4 if block_size >= 4096 else 3 if block_size >= 2048 else 2}
-                   if wide_keys and (narrow or not 256 <= block_size <= 1024) else
+                    "num_stages": 4 if not narrow and block_size >= 4096 else 3}
+                   if wide_keys and (narrow or block_size >= 2048) else
                    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
             "dq_past": ({"BLOCK_M": 64, **dq_block, "num_warps": 4, "num_stages": 1} if whole else
                         {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2 if fine else 3} if narrow else
