@@ -42,7 +42,7 @@ def ours_to_hf(args: argparse.Namespace) -> None:
     model = load_ours(args.src, args.dtype, args.config)
     extra = {**pretrained.special_token_ids(args.src), **moba_settings(args.src, args.config, model.cfg.n_layers)}
     hf.to_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), extra=extra)
-    source = pretrained.tokenizer_dir(args.src)
+    source = pretrained.tokenizer_dir(args.src) or pretrained.tokenizer_dir(args.src, pretrained.TOKENIZER_FILES)
     copied = pretrained.copy_tokenizer_files(source, args.dst) if source else []
     print(f"wrote {args.dst} (LlamaForCausalLM)" + (f", copied {', '.join(copied)} from {source}" if copied else
                                                     ", no tokenizer found in the checkpoint's lineage"))
@@ -61,7 +61,7 @@ def moba_settings(path: str, config_path, n_layers: int) -> dict:
     known = {f.name for f in dataclasses.fields(AttentionConfig)}
     attn = AttentionConfig(**{k: v for k, v in (run.get("attention") or {}).items() if k in known})
     steps = int((run.get("train") or {}).get("steps", 0))
-    kinds = AttentionSchedule(attn, n_layers, steps).kinds_at(max(pretrained.checkpoint_step(path) - 1, 0))
+    kinds = AttentionSchedule(attn, n_layers, steps).kinds_saved_at(pretrained.checkpoint_step(path))
     n_full = next((i for i, kind in enumerate(reversed(kinds)) if kind != "full"), n_layers)
     if n_full == n_layers:
         print("note: the checkpoint was last trained with full attention in every layer (attn_implementation="

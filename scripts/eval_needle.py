@@ -19,7 +19,8 @@ from moba_train.config import Config, to_config  # noqa: E402
 from moba_train.device import device_arg  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 from moba_train.eval import evaluate_needles, summarize  # noqa: E402
-from moba_train.model.pretrained import init_model  # noqa: E402
+from moba_train.model.pretrained import checkpoint_step, find_checkpoint, init_model, is_dcp_dir  # noqa: E402
+from moba_train.train.schedule_attn import AttentionSchedule, describe  # noqa: E402
 
 
 def load_run_config(run: str) -> Config:
@@ -48,14 +49,19 @@ def main(argv: list[str] | None = None) -> None:
         device_arg(args.device)
         cfg = load_run_config(args.run)
         top_k = cfg.attention.top_k if args.top_k is None else args.top_k
-        attn = dataclasses.replace(cfg.attention, top_k=top_k)
-        model = init_model(dataclasses.replace(cfg.model, init_from=args.run), attn, args.device).eval()
+        checkpoint = find_checkpoint(args.run)
+        # the layer kinds its newest checkpoint was trained with (attention.schedule may have switched layers); a
+        # consolidated export carries no step: the run's end
+        steps_done = checkpoint_step(checkpoint) if is_dcp_dir(checkpoint) else cfg.train.steps
+        kinds = AttentionSchedule(cfg.attention, cfg.model.n_layers, cfg.train.steps).kinds_saved_at(steps_done)
+        attn = dataclasses.replace(cfg.attention, top_k=top_k, layers=kinds, schedule=[])
+        model = init_model(dataclasses.replace(cfg.model, init_from=checkpoint), attn, args.device).eval()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     answers = evaluate_needles(model, cfg.data, attn.block_size, args.seed, args.samples, torch.device(args.device))
-    print(f"{args.run}: block_size {attn.block_size}, top_k {attn.top_k}, {len(answers)} answers, "
-          f"chance loss ln({cfg.data.needle_values}) = {math.log(cfg.data.needle_values):.2f}")
+    print(f"{args.run}: layers {describe(kinds)}, block_size {attn.block_size}, top_k {attn.top_k}, "
+          f"{len(answers)} answers, chance loss ln({cfg.data.needle_values}) = {math.log(cfg.data.needle_values):.2f}")
     print("| needle blocks back | answers | accuracy | loss | gate recall per MoBA layer |")
     print("|---|---|---|---|---|")
     for row in summarize(answers):

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=args.attn, dtype=dtype,
                                                      local_files_only=True).to(args.device).eval()
-    except ValueError as err:
+    except (OSError, ValueError) as err:  # OSError: no weights file
         fail(f"cannot load {path} with attn_implementation={args.attn!r}: {err}")
 
     if args.attn != "sdpa":  # config keys win over registered settings: set them to the effective ones

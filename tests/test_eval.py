@@ -105,6 +105,19 @@ def test_script_top_k_defaults_to_the_runs(run_dir, capsys):
         assert f"top_k {top_k}," in capsys.readouterr().out
 
 
+def test_script_evaluates_the_layers_the_schedule_trained(run_dir, capsys):
+    """A run whose attention.schedule switched every layer to full attention is evaluated with full layers (it
+    used to get MoBA in every layer, and gate recall for layers that never routed)."""
+    path = os.path.join(run_dir, ".hydra", "config.yaml")
+    cfg = OmegaConf.load(path)
+    cfg.attention.schedule = [{"at": 0.5, "kind": "full"}]
+    OmegaConf.save(cfg, path)
+    eval_script().main(["--run", run_dir, "--samples", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "layers full x2," in out
+    assert out.strip().splitlines()[-1].endswith("|  |")  # no gate-recall column entries
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-k", "0"], "--top-k 0: must be >= 1 (leave it out to use the run's attention.top_k)"),
     (["--samples", "0"], "--samples 0: must be >= 1"),

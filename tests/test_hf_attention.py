@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 import moba_train.hf.decode as hf_decode  # noqa: E402
 from moba_train.hf import register_moba  # noqa: E402
 from moba_train.hf.decode import LayerMeans  # noqa: E402
+from moba_train.hf.routing import score_blocks  # noqa: E402
 from moba_train.model import AttentionConfig, Llama, ModelConfig  # noqa: E402
 
 VOCAB, DIM, HEADS, KV_HEADS, FFN = 97, 64, 4, 2, 128
@@ -205,6 +206,20 @@ def test_unsupported_masks_are_refused():
         hf(x, attention_mask=torch.ones(8, 8, dtype=torch.bool).tril()[None, None])
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_is_refused(padded):
+    """A static cache hands the attention function keys of its fixed length, empty slots included: refused
+    before any output, with or without a padding mask (until the mask builder checked the key slots itself, an
+    unpadded prompt went down the decode path and generated other tokens than the dynamic cache)."""
+    hf = hf_model("moba")
+    x = ids(2, 30)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, cache_implementation="static")
+    with pytest.raises(ValueError, match="static or sliding caches are not supported"):
+        hf.generate(x, attention_mask=mask if padded else None, **kw)
+
+
 def load_script():
     import importlib.util
     from pathlib import Path
@@ -293,3 +308,15 @@ def test_prefill_under_autocast():
             got = hf(x, use_cache=False).logits
         assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_cached_gate_scores_stay_fp32_under_autocast():
+    """The cached path's gate scores in fp32 under autocast, as the prefill gate does (it scored in bf16 there,
+    and picked other blocks for ~6% of query heads on random bf16 inputs)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 3, 64, generator=g).bfloat16()
+    means = torch.randn(1, 2, 40, 64, generator=g) * 0.5 + 0.3
+    ref = score_blocks(q, means)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scored = score_blocks(q, means)
+    assert scored.dtype == torch.float32 and torch.equal(scored, ref)

@@ -76,6 +76,11 @@ def test_linear_scaling_and_dtype(tmp_path):
     ours = from_hf(path, FULL)  # float32 by default
     assert ours.embed_tokens.weight.dtype == torch.float32 and ours.inv_freq.dtype == torch.float32
     assert logits_diff(hf_model.float(), ours) <= 1e-4
+    # a config.json that declares no dtype: "auto" takes the stored one (it used to fall back to float32)
+    config = os.path.join(path, "config.json")
+    cfg = {k: v for k, v in json.load(open(config)).items() if k not in ("dtype", "torch_dtype")}
+    json.dump(cfg, open(config, "w"))
+    assert from_hf(path, FULL, dtype="auto").embed_tokens.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -103,6 +108,10 @@ def test_round_trip_exact(tmp_path, tie):
         tmp_path / "ours" / "model.safetensors").keys()
     out2 = load_file(tmp_path / "hf2" / "model.safetensors")
     assert all(torch.equal(src[k], out2[k]) for k in src)
+    # no tokenizer anywhere in the lineage: the generation config still comes back
+    assert convert_script().main(["ours-to-hf", str(tmp_path / "ours2"), str(tmp_path / "hf3")]) == 0
+    assert os.path.isfile(os.path.join(path, "generation_config.json"))
+    assert os.path.isfile(tmp_path / "hf3" / "generation_config.json")
 
 
 def test_overrides_and_moba(tmp_path):
@@ -131,6 +140,9 @@ def test_clear_errors(tmp_path, capsys):
         config_from_hf({**cfg, "rope_parameters": None, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(CheckpointError, match="attention_bias"):
         config_from_hf({**cfg, "attention_bias": True})
+    json.dump([1, 2], open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"config.json: a JSON list, not an object of config keys"):
+        from_hf(path)
     # shape mismatch: the config says a bigger FFN than the weights
     json.dump({**cfg, "intermediate_size": 128}, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' "

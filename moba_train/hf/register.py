@@ -62,13 +62,20 @@ def is_full_layer(module, settings: MobaSettings) -> bool:
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                  mask_function=None, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
-    """Mask builder registered for "moba": the [B, kv_length] bool padding mask, or None without padding."""
+    """Mask builder registered for "moba": the [B, kv_length] bool padding mask, or None without padding.
+
+    The attention function takes keys as the cached tokens followed by the new ones; a cache whose key slots are
+    not exactly that (a static cache's fixed length, a sliding window's offset) is refused here, since that
+    function cannot tell its empty slots from tokens."""
+    past = int(q_offset)  # transformers' static cache layers give a tensor
+    if kv_offset != 0 or kv_length != past + q_length:
+        raise ValueError(f"moba: {kv_length} key slots (offset {kv_offset}) for {past} cached and {q_length} new "
+                         "tokens; static or sliding caches are not supported (use the default DynamicCache)")
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:]
     if mask.shape[1] != kv_length:
-        raise ValueError(f"moba: padding mask covers {mask.shape[1]} of {kv_length} key slots; static or sliding "
-                         "caches are not supported (use the default DynamicCache)")
+        raise ValueError(f"moba: padding mask covers {mask.shape[1]} of {kv_length} key slots")
     return None if bool(mask.all()) else mask.bool()
 
 

@@ -24,4 +24,6 @@ def score_blocks(q: Tensor, means: Tensor) -> Tensor:
     batch, hq, n_q, dim = q.shape
     hkv = means.shape[1]
     qf = q.float().reshape(batch, hkv, hq // hkv, n_q, dim)
-    return torch.einsum("bkgqd,bknd->bkgqn", qf, means).reshape(batch, hq, n_q, means.shape[2])
+    with torch.autocast(q.device.type, enabled=False):  # fp32 even under autocast, as the prefill gate
+        scores = torch.einsum("bkgqd,bknd->bkgqn", qf, means.float())
+    return scores.reshape(batch, hq, n_q, means.shape[2])

@@ -32,6 +32,7 @@ HF_PREFIX = "model."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' dtype names
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -103,10 +104,17 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     }
 
 
-def hf_dtype(hf: dict[str, Any]) -> torch.dtype:
-    """The dtype a HF config.json declares for its weights (float32 when it says nothing)."""
-    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+def hf_dtype(hf: dict[str, Any], files: list[str] = ()) -> torch.dtype:
+    """The dtype of a HF checkpoint's weights: what config.json declares, else what the first tensor of `files`
+    is stored in, else float32."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name:
+        return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+    try:
+        with safe_open(files[0], framework="pt") as f:
+            return _STORED.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
+    except Exception:  # no files, no tensors, or unreadable: load_weights names the problem
+        return torch.float32
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -114,9 +122,12 @@ def read_json(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file")
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON {type(data).__name__}, not an object of config keys")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -247,7 +258,7 @@ def from_hf(path: str, attn_cfg: Optional[AttentionConfig] = None, dtype: Union[
     cfg = config_from_hf(hf, where=config_path)
     cfg = apply_overrides(cfg, {"init_from": os.path.abspath(path), **overrides}, config_path)
     files = weight_files(path)
-    model = build_empty(cfg, attn_cfg, resolve_dtype(dtype, hf_dtype(hf)), device)
+    model = build_empty(cfg, attn_cfg, resolve_dtype(dtype, hf_dtype(hf, files)), device)
     load_weights(model, files, rename=our_name)
     return model
 

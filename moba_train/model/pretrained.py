@@ -171,10 +171,10 @@ def lineage(path: str) -> Iterator[str]:
         path = recorded_origin(path)
 
 
-def tokenizer_dir(path: str) -> Optional[str]:
-    """The nearest checkpoint in `path`'s lineage that holds a tokenizer (trainer checkpoints hold none)."""
-    has_tokenizer = lambda p: any(os.path.isfile(os.path.join(p, name)) for name in TOKENIZER_MARKS)  # noqa: E731
-    return next(filter(has_tokenizer, lineage(path)), None)
+def tokenizer_dir(path: str, marks: tuple[str, ...] = TOKENIZER_MARKS) -> Optional[str]:
+    """The nearest checkpoint in `path`'s lineage that holds a tokenizer (trainer checkpoints hold none); with
+    marks=TOKENIZER_FILES, any of the files that go with one (e.g. only generation_config.json)."""
+    return next((d for d in lineage(path) if any(os.path.isfile(os.path.join(d, name)) for name in marks)), None)
 
 
 def special_token_ids(path: str) -> dict[str, int]:

@@ -81,6 +81,10 @@ class AttentionSchedule:
         """The kinds used to train step `step` (0-based)."""
         return list(stage_at(self.stages, step))
 
+    def kinds_saved_at(self, steps_done: int) -> list[str]:
+        """The kinds of a checkpoint saved after `steps_done` steps: those of its last trained step."""
+        return self.kinds_at(max(steps_done - 1, 0))
+
     def apply(self, model: nn.Module, step: int) -> Optional[list[str]]:
         """Set the kinds for step `step` on `model` (a Llama; parallelize wraps it in place); returns them if they
         changed."""
