@@ -4,6 +4,7 @@ YAML files under configs/ hold values; this file holds the schema (unknown keys 
 which turns a bad value into one ConfigError line naming the key and the allowed values.
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -137,7 +138,8 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
-    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be a finite number > 0")
+    _require(not math.isnan(t.grad_clip), f"train.grad_clip={t.grad_clip} must be a number (<= 0: no clipping)")
     for key in ("beta1", "beta2"):
         _require(0 <= getattr(t, key) < 1, f"train.{key}={getattr(t, key)} must be in [0, 1)")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")

@@ -291,9 +291,11 @@ def test_rollback_moves_the_newer_checkpoints_aside(tmp_path):
                                  f"checkpoint.resume={root / 'step_00000002'}"))
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
     (aside,) = [n for n in os.listdir(root) if n.startswith(ckpt.ABANDONED_PREFIX)]
-    assert sorted(os.listdir(root / aside)) == ["step_00000004", "step_00000006"]
+    assert sorted(os.listdir(root / aside)) == ["metrics.jsonl", "step_00000004", "step_00000006"]
+    assert sorted(losses(root / aside)) == [3, 4, 5, 6]  # the rolled-back branch's log goes with it
     rolled_back.train()
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2, 4]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.keep=3")).step == 4
 
 
@@ -305,13 +307,45 @@ def test_fresh_start_sets_an_earlier_run_aside(tmp_path):
     Trainer(config(tmp_path, "checkpoint.interval=2", "checkpoint.resume=none", "train.steps=2")).train()
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
     (aside,) = [n for n in os.listdir(root) if n.startswith(ckpt.ABANDONED_PREFIX)]
-    assert sorted(os.listdir(root / aside)) == ["metrics.jsonl", "step_00000003", "step_00000006"]
+    assert sorted(os.listdir(root / aside)) == ["metrics.jsonl", "model_config.json", "step_00000003",
+                                                "step_00000006"]
     assert sorted(losses(tmp_path)) == [1, 2]
     assert sorted(losses(root / aside)) == [1, 2, 3, 4, 5, 6]
     assert Trainer(config(tmp_path, "checkpoint.interval=2")).step == 2
     with pytest.raises(UserError, match="is a checkpoint of this train.out_dir"):  # not moved from under itself
         Trainer(config(tmp_path, "checkpoint.resume=none", f"model.init_from={root / 'step_00000002'}"))
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
+
+
+def test_metrics_past_the_resumed_step_are_set_aside(tmp_path):
+    """A crash after the last save, or before the first: the steps logged past the checkpoint resumed (or all of
+    them, with none) leave metrics.jsonl for .abandoned-*, so it holds every step once, as an uninterrupted run's.
+    Until the thirteenth session they stayed and the re-run steps were logged again."""
+    Trainer(config(tmp_path, "checkpoint.interval=3")).train()
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    os.rename(tmp_path / "checkpoints" / "step_00000006", tmp_path / "gone")  # died after step 6, saved at 3
+    metrics.write_text("".join(lines) + lines[-1][:9])  # and mid-way through a line
+    Trainer(config(tmp_path, "checkpoint.interval=3")).train()
+    assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4, 5, 6]
+    (aside,) = [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(ckpt.ABANDONED_PREFIX)]
+    assert open(tmp_path / "checkpoints" / aside / "metrics.jsonl").read() == "".join(lines[3:]) + lines[-1][:9]
+    for name in os.listdir(tmp_path / "checkpoints"):  # no checkpoint at all: a fresh start takes them all
+        if name.startswith("step_"):
+            os.rename(tmp_path / "checkpoints" / name, tmp_path / f"gone_{name}")
+    Trainer(config(tmp_path, "train.steps=2")).train()
+    assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2]
+
+
+def test_refused_resume_keeps_the_run_model_config(tmp_path):
+    """A resume refused for another architecture leaves model_config.json describing the run's checkpoints, and
+    does not point at an older checkpoint of the same architecture as a way out."""
+    Trainer(config(tmp_path, "checkpoint.interval=1", "train.steps=2")).train()
+    before = (tmp_path / "model_config.json").read_text()
+    with pytest.raises(UserError, match="checkpoint model shape differs") as err:
+        Trainer(config(tmp_path, "model.n_layers=3"))
+    assert "to resume from the previous one" not in str(err.value)
+    assert (tmp_path / "model_config.json").read_text() == before
 
 
 def test_resume_takes_the_optimizer_settings_of_the_config(tmp_path, caplog):

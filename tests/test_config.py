@@ -58,6 +58,16 @@ def test_recipes_compose():
     ("data.needle_values=0", "data.needle_values=0 must be >= 1"),
     (("logger.wandb.enabled=true", "logger.wandb.mode=foo"), "logger.wandb.mode='foo' is not one of"),
     (("data=sft", "data.path=builtin:long_qa", "data.sft.num_synthetic=-5"), "data.sft.num_synthetic=-5 must be >= 1"),
+    # tracebacks (ValueError, TypeError) or silently changed values until the thirteenth session
+    ("attention.schedule=[{at:x,kind:full}]", "attention.schedule[0].at='x' is not a number"),
+    ("attention.schedule=[{at:null,kind:full}]", "attention.schedule[0].at=None is not a number"),
+    ("attention.schedule=[{at:0.5,full_attn_last_k:abc}]", "attention.schedule[0].full_attn_last_k='abc' is not"),
+    ("attention.schedule=[{at:0.5,full_attn_last_k:1.5}]", "full_attn_last_k=1.5 must be a whole number"),
+    ("data.seq_len_schedule=[{at:abc,seq_len:256}]", "data.seq_len_schedule[0].at='abc' is not a number"),
+    ("data.seq_len_schedule=[{at:0.0,seq_len:null}]", "data.seq_len_schedule[0].seq_len=None is not a number"),
+    ("data.seq_len_schedule=[{at:0.0,seq_len:512.5}]", "data.seq_len_schedule[0].seq_len=512.5 must be a whole"),
+    ("train.lr=inf", "train.lr=inf must be a finite number > 0"),
+    ("train.grad_clip=nan", "train.grad_clip=nan must be a number"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=re.escape(match)):

@@ -8,8 +8,10 @@ Layout under `<train.out_dir>/checkpoints/`:
       rng_<rank>.pt           torch CPU/CUDA, numpy and python RNG states of each rank
       manifest.json           every file of the checkpoint with its size; written last
     .tmp-step_00000100/       a save in progress (or one that died): never read, removed on the next start
-    .abandoned-<UTC time>/    checkpoints newer than an explicit older one a run was rolled back to, or an
-                              earlier run's checkpoints and metrics.jsonl at a fresh start (resume=none)
+    .abandoned-<UTC time>/    what a run does not continue: at a resume, the checkpoints newer than the one it
+                              resumed (a rollback) and the metrics.jsonl lines past its step (a crash after the
+                              last save); at a fresh start (resume=none) an earlier run's checkpoints,
+                              metrics.jsonl and model_config.json
 
 A save writes everything under the temporary name, then rank 0 renames it (atomic on one filesystem).
 An async save is published at the first step boundary at which every rank has finished writing it.
@@ -22,6 +24,7 @@ DCP's .metadata not), `shards` (DCP complete, train/rng state not written), `man
 before the rename).
 """
 
+import itertools
 import json
 import logging
 import os
@@ -39,6 +42,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moba_train.errors import CheckpointError
+from moba_train.model.pretrained import RUN_MODEL_CONFIG
+from moba_train.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load (no process group) that it assumes a single process: intended.
@@ -49,6 +54,21 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 ABANDONED_PREFIX = ".abandoned-"
 FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
+
+
+def _split_metrics(path: str, step: int) -> tuple[list[str], list[str]]:
+    """The lines of a metrics.jsonl up to `step` and those past it (a line cut short by a crash counts as past)."""
+    if not os.path.isfile(path):
+        return [], []
+    kept, late = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                done = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                done = False
+            (kept if done and line.endswith("\n") else late).append(line)
+    return kept, late
 
 
 def _fault(stage: str, step: int) -> None:
@@ -160,6 +180,10 @@ def verify(path: str) -> dict:
     return manifest
 
 
+class ShapeMismatch(CheckpointError):
+    """A checkpoint of another architecture than the configured model (every checkpoint of its run is)."""
+
+
 def check_model_shapes(path: str, model_state: dict) -> None:
     """One clear error when the checkpoint's model parameters differ from the model being trained."""
     try:
@@ -177,7 +201,7 @@ def check_model_shapes(path: str, model_state: dict) -> None:
     if unexpected:
         problems.append(f"not in model: {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
     if problems:
-        raise CheckpointError(f"{path}: checkpoint model shape differs from the configured model "
+        raise ShapeMismatch(f"{path}: checkpoint model shape differs from the configured model "
                               f"({len(problems)} problems; {problems[0]}{'; ' + problems[1] if len(problems) > 1 else ''}); "
                               "resume with the model config it was saved with, or checkpoint.resume=none")
 
@@ -286,24 +310,37 @@ class Checkpointer:
             os.replace(path, doomed)  # never half-deleted under a complete name
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def _abandon_newer(self, step: int, metrics: Optional[str] = None) -> None:
-        """Move the checkpoints newer than the resumed `step` aside (rank 0): they belong to the branch rolled back
-        from, which retention (by step number) and resume=auto must not take for this one. A fresh start (step -1)
-        sets an earlier run in the same out_dir aside whole, with its `metrics` file."""
-        newer = [path for s, path in list_checkpoints(self.root) if s > step] if self.is_main else []
-        if newer:
-            aside = os.path.join(self.root, ABANDONED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-            os.makedirs(aside, exist_ok=True)
-            if metrics is not None and os.path.isfile(metrics):
-                newer.append(metrics)
-            for path in newer:
-                os.replace(path, os.path.join(aside, os.path.basename(path)))
-            moved = ", ".join(os.path.basename(p) for p in newer)
-            if step < 0:
-                log.warning("checkpoint.resume=none in an out_dir with an earlier run: moved %s to %s", moved, aside)
-            else:
-                log.warning("resumed at step %d, older than this run's newest checkpoint: moved %s to %s", step,
-                            moved, aside)
+    def _abandon_newer(self, step: int, out_dir: str) -> None:
+        """Set aside (rank 0) what belongs to a branch this run does not continue: the checkpoints newer than the
+        resumed `step` (retention, by step number, and resume=auto must not take them for this run's) and the
+        metrics.jsonl lines past it. A fresh start (step -1) sets an earlier run in the same out_dir aside whole,
+        with the model_config.json its checkpoints were saved with (this run writes its own)."""
+        if self.is_main:
+            newer = [path for s, path in list_checkpoints(self.root) if s > step]
+            metrics = os.path.join(out_dir, METRICS_FILE)
+            kept, late = _split_metrics(metrics, step)
+            if newer or late:
+                aside = os.path.join(self.root, ABANDONED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+                aside = next(f"{aside}-{n}" if n else aside for n in itertools.count()
+                             if not os.path.exists(f"{aside}-{n}" if n else aside))  # two within a second
+                os.makedirs(aside)
+                for path in newer:
+                    os.replace(path, os.path.join(aside, os.path.basename(path)))
+                config = os.path.join(out_dir, RUN_MODEL_CONFIG)
+                if step < 0 and newer and os.path.isfile(config):
+                    shutil.copyfile(config, os.path.join(aside, RUN_MODEL_CONFIG))
+                if late:
+                    with open(os.path.join(aside, METRICS_FILE), "w") as f:
+                        f.writelines(late)
+                    with open(metrics + ".part", "w") as f:
+                        f.writelines(kept)
+                    os.replace(metrics + ".part", metrics)
+                moved = [os.path.basename(p) for p in newer] + [f"{len(late)} {METRICS_FILE} lines"] * bool(late)
+                if step < 0:
+                    log.warning("a fresh start in an out_dir with an earlier run: moved %s to %s", ", ".join(moved),
+                                aside)
+                else:
+                    log.warning("resumed at step %d: moved %s past it to %s", step, ", ".join(moved), aside)
         _barrier()
 
     def cleanup_stale(self) -> None:
@@ -351,16 +388,16 @@ class Checkpointer:
                 raise CheckpointError(f"model.init_from={init_from} is a checkpoint of this train.out_dir, which "
                                       "checkpoint.resume=none starts afresh: write the new run to another "
                                       "train.out_dir")
-            self._abandon_newer(-1, os.path.join(out_dir, "metrics.jsonl"))
+            self._abandon_newer(-1, out_dir)
             return None
         try:
             saved = self.load(trainer, path)
         except CheckpointError as err:
             older = [p for _, p in list_checkpoints(os.path.dirname(path)) if p != path]
-            if self.cfg.resume != "auto" or not older:
+            if self.cfg.resume != "auto" or not older or isinstance(err, ShapeMismatch):  # older: same shapes
                 raise
             raise CheckpointError(f"{err}; to resume from the previous one: checkpoint.resume={older[-1]}") from None
-        self._abandon_newer(trainer.step)
+        self._abandon_newer(trainer.step, out_dir)
         for key, value in (run_info or {}).items():
             if key in saved and saved[key] != value:
                 log.warning("resuming with %s=%r, saved with %r: sample order or schedule may differ from the "

@@ -9,6 +9,9 @@ from tqdm import tqdm
 from moba_train.train.config import LoggerConfig
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsLogger:
     """Writes on the main rank only; other ranks get a silent instance."""
 
@@ -18,7 +21,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.file = open(os.path.join(out_dir, METRICS_FILE), "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         self.wandb = None
         if cfg.wandb.enabled:
@@ -34,7 +37,7 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                             tok_s=f"{metrics['tokens_per_s']:.0f}")  # shown now, with this step's count
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

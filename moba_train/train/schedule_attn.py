@@ -24,6 +24,17 @@ from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, layer_kind
 STAGE_KEYS = ("at", "kind", "full_attn_last_k", "layers")
 
 
+def number(value: Any, key: str, whole: bool = False) -> float:
+    """A schedule value as a float (an int with whole=True), or a ConfigError naming its key."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a number") from None
+    if whole and not x.is_integer():
+        raise ConfigError(f"{key}={value!r} must be a whole number")
+    return int(x) if whole else x
+
+
 def stage_at(stages: list[tuple[int, Any]], step: int) -> Any:
     """The value of the last stage starting at or before `step`; stages are (first step, value), ascending."""
     return stages[max(bisect.bisect_right([start for start, _ in stages], step) - 1, 0)][1]
@@ -36,14 +47,15 @@ def validate_schedule(attn: AttentionConfig, n_layers: int) -> None:
         unknown = sorted(set(stage) - set(STAGE_KEYS))
         if unknown:
             raise ConfigError(f"{key} has unknown keys {unknown}; allowed: {STAGE_KEYS}")
-        if "at" not in stage or not 0.0 <= float(stage["at"]) <= 1.0:
+        if "at" not in stage or not 0.0 <= number(stage["at"], f"{key}.at") <= 1.0:
             raise ConfigError(f"{key}.at must be a step fraction in [0, 1]")
         if float(stage["at"]) < last:
             raise ConfigError(f"{key}.at={stage['at']} comes before the previous stage's at={last}")
         last = float(stage["at"])
         if "kind" in stage and stage["kind"] not in ATTENTION_KINDS:
             raise ConfigError(f"{key}.kind={stage['kind']!r} is not one of {ATTENTION_KINDS}")
-        if "full_attn_last_k" in stage and not 0 <= int(stage["full_attn_last_k"]) <= n_layers:
+        if "full_attn_last_k" in stage and not (
+                0 <= number(stage["full_attn_last_k"], f"{key}.full_attn_last_k", whole=True) <= n_layers):
             raise ConfigError(f"{key}.full_attn_last_k={stage['full_attn_last_k']} must be in [0, {n_layers}]")
         if stage.get("layers") is not None:
             layers = list(stage["layers"])
@@ -53,6 +65,8 @@ def validate_schedule(attn: AttentionConfig, n_layers: int) -> None:
 
 def stage_config(attn: AttentionConfig, stage: dict[str, Any]) -> AttentionConfig:
     fields = {k: stage[k] for k in ("kind", "full_attn_last_k", "layers") if k in stage}
+    if "full_attn_last_k" in fields:  # validated as a whole number; YAML may give 2.0 or "2"
+        fields["full_attn_last_k"] = int(float(fields["full_attn_last_k"]))
     if "layers" in fields and fields["layers"] is not None:
         fields["layers"] = list(fields["layers"])
     elif "kind" in stage or "full_attn_last_k" in stage:

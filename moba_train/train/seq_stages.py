@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moba_train.errors import ConfigError
 from moba_train.model.llama import rows_cu_seqlens
-from moba_train.train.schedule_attn import stage_at
+from moba_train.train.schedule_attn import number, stage_at
 
 
 class SeqLenSchedule:
@@ -31,7 +31,7 @@ class SeqLenSchedule:
             key = f"data.seq_len_schedule[{i}]"
             if set(stage) - {"at", "seq_len"} or "at" not in stage or "seq_len" not in stage:
                 raise ConfigError(f"{key} must have exactly the keys 'at' and 'seq_len', got {sorted(stage)}")
-            at, s = float(stage["at"]), int(stage["seq_len"])
+            at, s = number(stage["at"], f"{key}.at"), number(stage["seq_len"], f"{key}.seq_len", whole=True)
             if not 0.0 <= at <= 1.0 or at < last:
                 raise ConfigError(f"{key}.at={stage['at']} must be in [0, 1] and not before the previous stage")
             if s < 2 or seq_len % s:

@@ -51,8 +51,6 @@ class Trainer:
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)
         model = init_model(cfg.model, cfg.attention, self.device)  # random, or the weights of model.init_from
-        if self.dims.is_main:  # the architecture of this run's checkpoints (init_from resolved)
-            write_run_model_config(model.cfg, cfg.train.out_dir)
         self.model = parallelize(model, cfg, self.dims)
         self.stages = TrainingStages(cfg, self.dims.is_main)  # attention.schedule, data.seq_len_schedule
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
@@ -67,6 +65,8 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
         if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info, cfg.model.init_from):
             apply_config(self.optimizer, self.scheduler, cfg.train)
+        if self.dims.is_main:  # the architecture of this run's checkpoints (init_from resolved), once resume
+            write_run_model_config(model.cfg, cfg.train.out_dir)  # accepted it (a refused one leaves the old)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
@@ -135,7 +135,9 @@ class Trainer:
                     tick, tokens = time.perf_counter(), 0
                 self.checkpointer.poll()
                 if due:
+                    saving = time.perf_counter()
                     self.checkpointer.save(self, self.run_info)
+                    tick += time.perf_counter() - saving  # tokens_per_s times the training steps only
                 if stopping:
                     break
             self.checkpointer.wait()
