@@ -97,6 +97,8 @@ def test_prepare_with_hf_tokenizer(tmp_path):
     # and only into a model whose embedding holds the tokenizer's ids
     with pytest.raises(UserError, match=r"has 300 tokens but model.vocab_size=256"):
         build_dataset(cfg_for(prefix, tokenizer=str(tok_dir)), seed=0, num_samples=8, vocab_size=256)
+    # a document that writes the end token's text is text: no eod id inside it (it split the document in two)
+    assert hf.eod not in hf.encode("ab </s> cd")
 
 
 def test_samples_deterministic_and_split_over_dp(corpus):
@@ -148,6 +150,33 @@ def test_blend_weights(tmp_path):
     ds = build_dataset(cfg_for(f"0.25 {a} 0.75 {b}", seq_len=16), seed=0, num_samples=400)
     from_a = sum(int((ds[i]["input_ids"] == ord("a")).any()) for i in range(400))
     assert 70 <= from_a <= 130, from_a
+    # without weights: the mixture of the sizes, reshuffled every epoch (megatron-core builds an unweighted blend
+    # for one epoch, which the loader replayed in the same order)
+    c, d = str(tmp_path / "c"), str(tmp_path / "d")
+    for prefix, seed in ((c, 12), (d, 13)):
+        prepare_data.prepare([write_corpus(str(tmp_path), n=8, seed=seed)[0]], prefix, workers=1, progress=False)
+    one_epoch = sum(len(build_dataset(cfg_for(p, seq_len=16), seed=0, num_samples=1)) for p in (c, d))
+    ds = build_dataset(cfg_for(f"{c} {d}", seq_len=16), seed=0, num_samples=4 * one_epoch)
+    rows = [tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))]
+    assert len(ds) >= 4 * one_epoch and rows[:one_epoch] != rows[one_epoch:2 * one_epoch]
+
+
+def test_split_must_leave_training_documents(corpus, tmp_path):
+    """A split whose train part rounds to no documents used to hang in megatron-core's epoch count; a damaged
+    index cache gave a bare ValueError."""
+    prefix = corpus[0]
+    with pytest.raises(UserError, match=r"split='1,999,0' leaves .* no training documents"):
+        build_dataset(cfg_for(prefix, split="1,999,0", cache_dir=str(tmp_path / "c")), seed=0, num_samples=4)
+    for split, message in (("0,0,0", "positive sum"), ("1.2.3", "not comma-separated numbers")):
+        with pytest.raises(UserError, match=message):
+            build_dataset(cfg_for(prefix, split=split, cache_dir=str(tmp_path / "c")), seed=0, num_samples=4)
+    build_dataset(cfg_for(prefix, cache_dir=str(tmp_path / "c")), seed=0, num_samples=4)
+    (index,) = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "c") for f in files
+                if f.endswith("shuffle_index.npy")]
+    with open(index, "r+b") as f:
+        f.truncate(os.path.getsize(index) // 2)
+    with pytest.raises(UserError, match="damaged sample-index cache"):
+        build_dataset(cfg_for(prefix, cache_dir=str(tmp_path / "c")), seed=0, num_samples=4)
 
 
 def test_blend_strings():
@@ -160,7 +189,7 @@ def test_blend_strings():
         parse_blend("0.3 /d/a 0.7")  # a weight without its prefix was read as a prefix named 0.3
     with pytest.raises(UserError, match=r"alternates weights and prefixes .*got 4 entries"):
         parse_blend("0.3 /d/a /d/b 0.7")  # weight and prefix swapped: was read as four prefixes, one named 0.3
-    for weights in ("nan /d/a 1 /d/b", "inf /d/a 1 /d/b", "-1 /d/a 2 /d/b", "0 /d/a 0 /d/b"):
+    for weights in ("nan /d/a 1 /d/b", "inf /d/a 1 /d/b", "-1 /d/a 2 /d/b", "0 /d/a 0 /d/b", "0 /d/a 1 /d/b"):
         with pytest.raises(UserError, match="blend weights must be finite"):
             parse_blend(weights)
 

@@ -71,6 +71,7 @@ def test_text_that_is_not_utf8_is_refused_by_file_and_line(tmp_path, workers):
     (["--workers", "0"], "--workers 0: must be >= 1"),
     (["--output-prefix", "out/"], "--output-prefix out/: names a directory"),
     (["--output-prefix", "."], "--output-prefix .: names a directory"),
+    (["--output-prefix", "a.txt/data"], "--output-prefix a.txt/data: cannot write there"),  # was a traceback
 ])
 def test_script_refuses_bad_workers_and_prefix(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)

@@ -57,6 +57,18 @@ def test_hf_chat_template_mask(tmp_path):
     assert tpl.tok.decode(ids) == tpl.tok.apply_chat_template(CHAT, tokenize=False)
 
 
+def test_hf_mask_trains_a_reply_word_merged_with_the_prompts_space(tmp_path):
+    """A generation prompt ending in a space ("assistant: "): byte-level BPE merges that space into the reply's
+    first word, and a token starting inside the prompt must still be trained (it was masked, so the first word of
+    every reply was never learned)."""
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    tpl = HFTemplate(make_tokenizer(str(tmp_path / "tok"), template))
+    chat = [{"role": "user", "content": "what is the answer?"}, {"role": "assistant", "content": "the answer is 42"}]
+    ids, mask = tpl.encode(chat, "x")
+    assert tpl.tok.decode([i for i, m in zip(ids, mask) if m]) == " the answer is 42<|end|>"
+
+
 def test_template_of_a_run_dir_comes_from_the_checkpoint_it_started_from(tmp_path):
     """SFT from a run dir (`model.init_from=runs/continue`, the tokenizer defaulting to it): the run holds no
     tokenizer, so the template is the one of the HF dir recorded as the run's init_from."""

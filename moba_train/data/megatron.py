@@ -59,9 +59,26 @@ def parse_blend(path: str) -> tuple[list[str], Optional[list[float]]]:
         raise UserError(f"data.path={path!r}: a blend alternates weights and prefixes ('0.3 /data/a 0.7 /data/b'); "
                         f"got {len(parts)} entries")
     weights = [float(w) for w in parts[0::2]]
-    if not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:  # NaN fails the first test too
-        raise UserError(f"data.path={path!r}: blend weights must be finite, >= 0, with a positive sum")
+    if not all(0 < w < float("inf") for w in weights):  # NaN fails the test too
+        raise UserError(f"data.path={path!r}: blend weights must be finite and > 0 (leave a prefix out instead of "
+                        "weighting it 0)")
     return parts[1::2], weights
+
+
+def check_split(split: str, prefixes: list[str], documents: list[int]) -> None:
+    """data.megatron.split must leave every prefix's train part at least one document: megatron-core rounds each
+    part to whole documents, and with none in the train part its sample index loops forever."""
+    try:
+        parts = [float(x) for x in split.split(",")]
+    except ValueError:
+        raise UserError(f"data.megatron.split={split!r}: not comma-separated numbers") from None
+    if not all(0 <= p < float("inf") for p in parts) or sum(parts) <= 0:
+        raise UserError(f"data.megatron.split={split!r}: weights must be finite, >= 0, with a positive sum")
+    share = parts[0] / sum(parts)
+    for prefix, n in zip(prefixes, documents):
+        if int(round(share * n)) < 1:
+            raise UserError(f"data.megatron.split={split!r} leaves {prefix} no training documents (train share "
+                            f"{share:.3g} of its {n}); give the train part a larger weight")
 
 
 def _is_number(text: str) -> bool:
@@ -183,9 +200,14 @@ class MegatronData:
         check_vocab(f"data.megatron.tokenizer={mcfg.tokenizer!r}", self.tokenizer.vocab_size, vocab_size)
         self.eod = self.tokenizer.eod
         prefixes, weights = parse_blend(cfg.path)
+        sizes = [check_indexed(prefix) for prefix in prefixes]  # (documents, tokens)
         for prefix in prefixes:
-            check_indexed(prefix)
             check_sidecar(prefix, self.tokenizer)
+        check_split(mcfg.split, prefixes, [docs for docs, _ in sizes])
+        if weights is None and len(prefixes) > 1:
+            # megatron-core builds an unweighted blend for one epoch, which the loader would replay in the same
+            # order; weights in proportion to the tokens sample the same mixture and reshuffle every epoch
+            weights = [float(tokens) for _, tokens in sizes]
         cache_root = mcfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index_cache")
         cache = os.path.join(cache_root, data_fingerprint(prefixes))
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -210,6 +232,13 @@ class MegatronData:
         except OSError as e:
             raise DatasetFileError(f"{getattr(e, 'filename', None) or cache}: cannot build the sample index "
                                    f"({e.strerror or e}); set data.megatron.cache_dir to a writable directory") from None
+        except ValueError as e:  # an index file cut short: megatron-core writes them in place, reads any that exist
+            raise DatasetFileError(f"{cache}: damaged sample-index cache ({e}; a run killed while writing it?); "
+                                   "delete that directory and the next run rebuilds it") from None
+        except AssertionError as e:  # megatron-core's own checks, e.g. a blend part smaller than one sample
+            reason = str(e) or "a blend or size check failed"
+            raise UserError(f"data.path={cfg.path!r}: megatron-core cannot build the dataset ({reason}); "
+                            f"data.seq_len={cfg.seq_len} may exceed what a blend part holds") from None
         if train is None or len(train) == 0:
             raise UserError(f"data.path={cfg.path!r} with data.megatron.split={mcfg.split!r} yields no training "
                             f"samples of data.seq_len={cfg.seq_len}")

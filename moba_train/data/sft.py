@@ -163,7 +163,10 @@ class HFTemplate:
             spans.append((len(before), len(after)))
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        mask = [any(lo <= start < hi for lo, hi in spans) for start, _ in offsets]
+        # a token is the assistant's if it overlaps a reply: byte-level BPE merges a generation prompt's trailing
+        # space into the reply's first word (" the"), which a start-inside rule would never train
+        mask = [any(start < hi and (end > lo if end > start else start >= lo) for lo, hi in spans)
+                for start, end in offsets]
         return list(ids), mask
 
 

@@ -54,6 +54,9 @@ class HFTokenizer:
             self.tok = Tokenizer.from_file(file)
         except Exception as e:  # the Rust side raises plain Exception for malformed JSON
             raise UserError(f"{file}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+        # documents are text: "<|end_of_text|>" written in one is those characters, not the end of a document (the
+        # eod id is appended by the caller); nor would a pad id then occur in the data, where megatron-core drops it
+        self.tok.encode_special_tokens = True
         self.name = os.path.abspath(file)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         config = {}
