@@ -204,6 +204,10 @@ class MegatronData:
         for prefix in prefixes:
             check_sidecar(prefix, self.tokenizer)
         check_split(mcfg.split, prefixes, [docs for docs, _ in sizes])
+        total = sum(tokens for _, tokens in sizes)
+        if total <= cfg.seq_len:
+            log.warning("data.path=%r holds %d tokens, fewer than one sample of data.seq_len=%d: every sample "
+                        "repeats the data", cfg.path, total, cfg.seq_len)
         if weights is None and len(prefixes) > 1:
             # megatron-core builds an unweighted blend for one epoch, which the loader would replay in the same
             # order; weights in proportion to the tokens sample the same mixture and reshuffle every epoch
