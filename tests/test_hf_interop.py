@@ -60,6 +60,7 @@ def test_logits_match_transformers(tmp_path, tie):
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == tie
     assert ours.attention_kinds() == ["full", "full"]
     assert logits_diff(hf_model, ours) <= 1e-4
+    assert torch.equal(ours.inv_freq, hf_model.model.rotary_emb.inv_freq)  # the same bits (float64 differed)
 
 
 def test_sharded_and_default_rope(tmp_path):
@@ -68,6 +69,7 @@ def test_sharded_and_default_rope(tmp_path):
     ours = from_hf(path, FULL)
     assert ours.cfg.rope_scaling is None
     assert logits_diff(hf_model, ours) <= 1e-4
+    assert torch.equal(ours.inv_freq, hf_model.model.rotary_emb.inv_freq)
 
 
 def test_linear_scaling_and_dtype(tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +72,10 @@ def test_tied_embeddings_and_init_scale():
     model = Llama(cfg, AttentionConfig(kind="full"))
     assert model.lm_head.weight is model.embed_tokens.weight
     assert abs(model.layers[0].mlp.down_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 2e-3
+
+
+def test_layer_list_must_match_the_depth():
+    """An explicit attention.layers list of another length than model.n_layers: an error, not a model of the
+    list's depth (validate() catches it in configs; this is the API's own check)."""
+    with pytest.raises(ValueError, match="attention.layers has 2 entries; the model has 4 layers"):
+        Llama(ModelConfig(n_layers=4), AttentionConfig(layers=["moba", "full"]))

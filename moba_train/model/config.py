@@ -50,6 +50,8 @@ class AttentionConfig:
 def layer_kinds(attn: AttentionConfig, n_layers: int) -> list[str]:
     """The attention kind of each layer, from an explicit list or from kind + full_attn_last_k."""
     if attn.layers is not None:
+        if len(attn.layers) != n_layers:  # validate() says so for configs; this catches direct API use
+            raise ValueError(f"attention.layers has {len(attn.layers)} entries; the model has {n_layers} layers")
         return list(attn.layers)
     n_full = min(attn.full_attn_last_k, n_layers)
     return [attn.kind] * (n_layers - n_full) + ["full"] * n_full

@@ -12,13 +12,15 @@ ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    # fp32 throughout, in transformers' order of operations: the same bits as the frequencies HF Llama checkpoints
+    # were trained and are served with (float64 differed in the last bit of ~1 in 4, 1e-2 rad at 128K positions)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     if not scaling:
-        return inv_freq.float()
+        return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
     factor = float(scaling["factor"])
     if kind == "linear":  # position interpolation
-        return (inv_freq / factor).float()
+        return inv_freq / factor
     if kind != "llama3":
         raise ValueError(f"model.rope_scaling.rope_type={kind!r} is not one of {tuple(ROPE_SCALING_KEYS)}")
     old_ctx = scaling["original_max_position_embeddings"]
@@ -28,7 +30,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor
     smooth = (old_ctx / wavelen - low) / (high - low)
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return torch.where(medium, blended, scaled).float()
+    return torch.where(medium, blended, scaled)
 
 
 def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
