@@ -123,7 +123,8 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[str]:
         return found[-1][1] if found else None
     path = resume
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint (checkpoint.resume)")
+        raise CheckpointError(f"{path}: no such checkpoint (checkpoint.resume is auto, none, or a checkpoint or run "
+                              "directory)")
     if os.path.isfile(os.path.join(path, "manifest.json")) or STEP_DIR.match(os.path.basename(path.rstrip("/"))):
         return path
     for root in (os.path.join(path, CHECKPOINT_DIR), path):  # a run directory or its checkpoints/ folder
