@@ -178,7 +178,10 @@ def test_meaningless_arguments_raise_clear_errors(backend):
     q, k, v, cu, max_len = packed([32], 4, 2, 8, requires_grad=False)
     cases = [
         ((q.long(), k.long(), v.long(), cu, max_len, 16, 2), {}, "floating point"),
-        ((q, k, v, cu, max_len, 16, 2), {"softmax_scale": -1.0}, "softmax_scale=-1.0 must be > 0"),
+        ((q, k, v, cu, max_len, 16, 2), {"softmax_scale": -1.0}, "softmax_scale=-1.0 must be a finite number > 0"),
+        ((q, k, v, cu, max_len, 16, 2), {"softmax_scale": math.inf}, "softmax_scale=inf must be"),  # NaNs before
+        ((q, k, v, cu, max_len, 16, 2), {"softmax_scale": True}, "softmax_scale=True must be"),
+        ((q, k, v, cu.to("meta"), max_len, 16, 2), {}, "cu_seqlens must hold values"),
         ((q[:, :0], k[:, :0], v[:, :0], cu, max_len, 16, 2), {}, "heads and head_dim must be >= 1"),
         ((q, k, v, cu, max_len, 2.5, 2), {}, "block_size=2.5 must be an integer"),
         ((q, k, v, cu, max_len, 16, True), {}, "top_k=True must be an integer"),
@@ -192,6 +195,15 @@ def test_meaningless_arguments_raise_clear_errors(backend):
     assert torch.equal(out, moba_attn(q, k, v, cu, max_len, 16, 2, backend=backend, softmax_scale=1.0))
     with pytest.raises(ValueError, match="softmax_scale"):
         full_attn(q, k, v, cu, max_len, -1.0)
+
+
+def test_triton_backend_refuses_float64():
+    """The fused kernels accumulate in fp32: float64 (gradcheck's dtype) failed to compile on CUDA, and `auto`
+    chose them for it (tests/gpu: `auto` now takes the reference there)."""
+    from moba_train.ops.fused import check_supported
+
+    with pytest.raises(ValueError, match="triton MoBA backend takes fp16, bf16 or fp32, got torch.float64"):
+        check_supported(torch.zeros(8, 2, 16, dtype=torch.float64))
 
 
 def test_empty_documents_and_empty_batches():

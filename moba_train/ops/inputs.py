@@ -1,5 +1,6 @@
 """Input checks shared by the attention ops: a ValueError naming the problem instead of a kernel's traceback."""
 
+import math
 import operator
 
 import torch
@@ -32,8 +33,10 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
             ok = False
         if not ok:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (or None: head_dim ** -0.5)")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not 0 < softmax_scale < math.inf):
+        raise ValueError(f"softmax_scale={softmax_scale} must be a finite number > 0 (or None: head_dim ** -0.5)")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError("cu_seqlens must hold values (it is on the meta device)")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     offsets = host_offsets(cu_seqlens)

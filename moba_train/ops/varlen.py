@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from moba_train.ops.flash import CHUNK_ROWS, SEG_ROWS, flash_bwd, flash_fwd
+from moba_train.ops.full import flash_takes
 from moba_train.ops.gate import moba_select
 from moba_train.ops.offsets import TensorMemo, host_offsets, longest_doc
 
@@ -156,7 +157,9 @@ class VarlenMoba(torch.autograd.Function):
 
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, top_k: int,
               softmax_scale: float) -> Tensor:
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError("varlen MoBA backend needs CUDA fp16/bf16 tensors (flash varlen kernels)")
+    if not flash_takes(q):
+        raise RuntimeError(f"varlen MoBA backend needs what the flash varlen kernels take: CUDA (sm80+) fp16/bf16 "
+                           f"tensors with head_dim a multiple of 8 up to 256; got {q.dtype} on {q.device}, "
+                           f"head_dim {q.shape[-1]}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return VarlenMoba.apply(q, k, v, cu_seqlens.int(), max_seqlen, block_size, top_k, softmax_scale)

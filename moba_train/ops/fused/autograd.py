@@ -23,6 +23,9 @@ def interpreting() -> bool:
 
 
 def check_supported(q: Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):  # the kernels' accumulators are fp32
+        raise ValueError(f"triton MoBA backend takes fp16, bf16 or fp32, got {q.dtype} (backend='naive' computes "
+                         "in float64)")
     dim = q.shape[-1]
     widest = 512 // q.element_size()  # the kernels' shared-memory tiles are sized for rows of at most 512 bytes
     if dot_size(dim) > min(256, widest):
