@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moba_train.data.config import DataConfig, SFTDataConfig
-from moba_train.data.loader import collate
+from moba_train.data.loader import Loader, collate
 from moba_train.data.sft import (BOS, EOT, HEADER, ByteTemplate, HFTemplate, SFTDataError, SFTDataset, pack,
                                  read_jsonl, to_example)
 from moba_train.model import AttentionConfig, IGNORE_INDEX, Llama, ModelConfig
@@ -189,3 +189,17 @@ def test_dataset_with_hf_tokenizer(tmp_path):
     assert (row["labels"][sum(len(x) for x, _ in ds.examples):] == IGNORE_INDEX).all()
     with pytest.raises(Exception, match=r"tok. has \d+ tokens but model.vocab_size=260"):
         SFTDataset(cfg, seed=0, vocab_size=260)
+
+
+def test_epochs_past_the_end_are_reshuffled_and_resumable():
+    """A finite dataset (SFT packs) trained for several epochs: each epoch after the first in a new order (every
+    epoch replayed the first one's before), the same on a resume from any position."""
+    data = [{"input_ids": torch.tensor([i]), "labels": torch.tensor([i])} for i in range(10)]
+    loader = Loader(data, batch_size=5, seed=3)
+    seen = [loader.next_batch()["input_ids"].flatten().tolist() for _ in range(6)]
+    epochs = [seen[2 * e] + seen[2 * e + 1] for e in range(3)]
+    assert epochs[0] == list(range(10)) and all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[1] != epochs[0] and epochs[2] != epochs[1]
+    resumed = Loader(data, batch_size=5, seed=3)
+    resumed.load_state_dict({"consumed": 15})
+    assert resumed.next_batch()["input_ids"].flatten().tolist() == seen[3]
