@@ -127,13 +127,12 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str = "byte", json
     for file in files:  # before tokenizing: a bad file late in the list should not cost a long run
         check_input(file)
     dtype = DType.optimal_dtype(tok.vocab_size)
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    tmp = f"{output_prefix}.tmp{os.getpid()}"
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        open(f"{output_prefix}.tmp{os.getpid()}.bin", "wb").close()  # writable: fail before tokenizing
+        os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+        open(tmp + ".bin", "wb").close()  # writable: fail before tokenizing
     except OSError as e:
         raise UserError(f"--output-prefix {output_prefix}: cannot write there ({e.strerror or e})") from None
-    tmp = f"{output_prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     n_docs = n_tokens = n_empty = 0
     pool = Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None

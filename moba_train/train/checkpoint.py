@@ -321,9 +321,9 @@ class Checkpointer:
             metrics = os.path.join(out_dir, METRICS_FILE)
             kept, late = _split_metrics(metrics, step)
             if newer or late:
-                aside = os.path.join(self.root, ABANDONED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-                aside = next(f"{aside}-{n}" if n else aside for n in itertools.count()
-                             if not os.path.exists(f"{aside}-{n}" if n else aside))  # two within a second
+                stamp = os.path.join(self.root, ABANDONED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+                names = itertools.chain([stamp], (f"{stamp}-{n}" for n in itertools.count(1)))  # two in a second
+                aside = next(name for name in names if not os.path.exists(name))
                 os.makedirs(aside)
                 for path in newer:
                     os.replace(path, os.path.join(aside, os.path.basename(path)))

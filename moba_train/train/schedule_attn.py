@@ -14,6 +14,7 @@ accumulate). Before the first stage the base config holds. Examples:
 
 import bisect
 import dataclasses
+import math
 from typing import Any, Optional
 
 import torch.nn as nn
@@ -47,11 +48,12 @@ def validate_schedule(attn: AttentionConfig, n_layers: int) -> None:
         unknown = sorted(set(stage) - set(STAGE_KEYS))
         if unknown:
             raise ConfigError(f"{key} has unknown keys {unknown}; allowed: {STAGE_KEYS}")
-        if "at" not in stage or not 0.0 <= number(stage["at"], f"{key}.at") <= 1.0:
+        at = number(stage["at"], f"{key}.at") if "at" in stage else math.nan
+        if not 0.0 <= at <= 1.0:
             raise ConfigError(f"{key}.at must be a step fraction in [0, 1]")
-        if float(stage["at"]) < last:
+        if at < last:
             raise ConfigError(f"{key}.at={stage['at']} comes before the previous stage's at={last}")
-        last = float(stage["at"])
+        last = at
         if "kind" in stage and stage["kind"] not in ATTENTION_KINDS:
             raise ConfigError(f"{key}.kind={stage['kind']!r} is not one of {ATTENTION_KINDS}")
         if "full_attn_last_k" in stage and not (
@@ -65,8 +67,8 @@ def validate_schedule(attn: AttentionConfig, n_layers: int) -> None:
 
 def stage_config(attn: AttentionConfig, stage: dict[str, Any]) -> AttentionConfig:
     fields = {k: stage[k] for k in ("kind", "full_attn_last_k", "layers") if k in stage}
-    if "full_attn_last_k" in fields:  # validated as a whole number; YAML may give 2.0 or "2"
-        fields["full_attn_last_k"] = int(float(fields["full_attn_last_k"]))
+    if "full_attn_last_k" in fields:  # YAML may give 2.0 or "2"
+        fields["full_attn_last_k"] = number(fields["full_attn_last_k"], "full_attn_last_k", whole=True)
     if "layers" in fields and fields["layers"] is not None:
         fields["layers"] = list(fields["layers"])
     elif "kind" in stage or "full_attn_last_k" in stage:
