@@ -49,6 +49,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=12)
     p.add_argument("--backend", default="auto")
     p.add_argument("--ac", default="full", choices=("none", "full", "selective"))
+    p.add_argument("--compile", action="store_true", help="torch.compile each block's norms and MLP (train.compile)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--small", action="store_true", help="a small model at 16K/32K: smoke test")
@@ -72,6 +73,7 @@ def bench(args, model_cfg: ModelConfig, cp: int, seq: int, device: torch.device)
     dims = init_parallel(ParallelConfig(cp=cp, cp_mode=args.cp_mode), device)
     cfg = Config()
     cfg.train.activation_checkpointing = args.ac
+    cfg.train.compile = args.compile
     attn = AttentionConfig(kind=args.kind, block_size=args.block_size, top_k=args.top_k, backend=args.backend)
     torch.manual_seed(0)
     with torch.device(device):
@@ -146,7 +148,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"bench_train: {name} x {world}, torch {torch.__version__}, "
         f"model {n_params / 1e9:.2f}B params, {args.kind} block {args.block_size} top_k {args.top_k} "
-        f"backend {args.backend}, AC {args.ac}, CP mode {args.cp_mode}")
+        f"backend {args.backend}, AC {args.ac}, compile {args.compile}, CP mode {args.cp_mode}")
     results = [bench(args, model_cfg, 1, args.seq_cp1, device), bench(args, model_cfg, world, args.seq_cp, device)]
     base, split = results
     efficiency = split["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
