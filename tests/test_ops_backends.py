@@ -268,6 +268,30 @@ def double_backward_refused() -> str:
     return ""
 
 
+def int_like_args() -> dict:
+    """numpy ints and 0-dim tensors for block_size, top_k and softmax_scale (the checks accept them) reach the
+    kernels as plain numbers: they crashed the triton backend (a numpy int's missing bit_length, a tensor top_k as
+    a compile-time constant, a tensor scale as a pointer), and the layout memo, which hashes np.int64(16) like 16,
+    kept the numpy int, so later plain calls on the same offsets crashed too. bf16 is refused here: the
+    interpreter's bf16 products are wrong."""
+    import numpy as np
+
+    from moba_train.ops import moba_attn
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(70, h, 16, generator=gen) for h in (2, 1, 1))
+    cu = torch.tensor([0, 70])
+    plain = moba_attn(q, k, v, cu, 70, 16, 2, "triton", softmax_scale=0.3)
+    odd = moba_attn(q, k, v, cu.clone(), 70, np.int64(16), torch.tensor(2), "triton", softmax_scale=torch.tensor(0.3))
+    again = moba_attn(q, k, v, cu.clone(), 70, 16, 2, "triton", softmax_scale=0.3)  # same offsets: memo hit
+    try:
+        moba_attn(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, 70, 16, 2, "triton")
+        refusal = ""
+    except ValueError as err:
+        refusal = str(err)
+    return {"equal": torch.equal(plain, odd) and torch.equal(plain, again), "bf16": refusal}
+
+
 def tie_picks():
     """Fused selections of block 3's rows when blocks 1 and 2 hold the same keys and block 0 their negation:
     scores tie exactly (small integers, so every summation order gives the same fp32 value) and beat block 0.
@@ -323,6 +347,11 @@ def test_fused_gate_evicts_the_higher_of_tied_blocks(interpreted):
 
 def test_triton_refuses_double_backward(interpreted):
     assert "once_differentiable" in interpreted["double_backward_refused"]
+
+
+def test_triton_takes_int_like_arguments_and_refuses_interpreted_bf16(interpreted):
+    assert interpreted["int_like"]["equal"]
+    assert "interpreter cannot run the triton MoBA backend in bf16" in interpreted["int_like"]["bf16"]
 
 
 def test_triton_on_context_parallel_zero_rows(interpreted):
@@ -433,4 +462,5 @@ if __name__ == "__main__":  # the child process: every result as one JSON object
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
                       "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(),
                       "state_range": state_range(), "gpu_tiles": gpu_tiles(), "zero_rows": zero_rows_case(),
-                      "double_backward_refused": double_backward_refused(), "routes": routes_case()}))
+                      "double_backward_refused": double_backward_refused(), "routes": routes_case(),
+                      "int_like": int_like_args()}))

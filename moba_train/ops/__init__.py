@@ -52,7 +52,7 @@ def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     cu_seqlens' values are read on the host once per tensor (ops/offsets.py): rewrite it in place only through
     the tensor itself (`cu.copy_(...)`), never behind its version counter (`cu.data`), or pass a new tensor.
     """
-    check_inputs(q, k, v, cu_seqlens, block_size, top_k, softmax_scale)
+    block_size, top_k, softmax_scale = check_inputs(q, k, v, cu_seqlens, block_size, top_k, softmax_scale)
     if q.shape[0] == 0:  # an empty batch attends to nothing; clone keeps q's autograd graph
         return q.clone()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
@@ -67,7 +67,7 @@ def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block
 
     Uses the fused Triton gate on CUDA when available, else the reference.
     """
-    check_inputs(q, k, k, cu_seqlens, block_size, top_k)
+    block_size, top_k, _ = check_inputs(q, k, k, cu_seqlens, block_size, top_k)
     if q.shape[0] == 0:
         return torch.empty(0, q.shape[1], top_k, device=q.device, dtype=torch.int32)
     if _triton_usable(q):

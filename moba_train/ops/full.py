@@ -19,7 +19,7 @@ from moba_train.ops.inputs import check_inputs
 def full_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
               softmax_scale: float | None = None) -> Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
-    check_inputs(q, k, v, cu_seqlens, softmax_scale=softmax_scale)
+    _, _, softmax_scale = check_inputs(q, k, v, cu_seqlens, softmax_scale=softmax_scale)
     spans = doc_spans(cu_seqlens)
     lengths = {end - start for start, end in spans}  # from the memoised offsets, not the caller's max_seqlen
     if len(lengths) == 1:  # empty documents take no tokens: the others tile the batch

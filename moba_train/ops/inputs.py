@@ -10,8 +10,11 @@ from moba_train.ops.offsets import host_offsets
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size: int = 1, top_k: int = 1,
-                 softmax_scale: float | None = None) -> None:
-    """A ValueError naming the problem for anything the kernels would mishandle (shapes, dtypes, offsets)."""
+                 softmax_scale: float | None = None) -> tuple[int, int, float | None]:
+    """A ValueError naming the problem for anything the kernels would mishandle (shapes, dtypes, offsets).
+
+    Returns (block_size, top_k, softmax_scale) as plain Python numbers: a numpy int or 0-dim tensor would reach
+    the kernels' compile-time constants and the memoised layouts (whose keys it hashes like an int)."""
     if not all(isinstance(x, Tensor) for x in (q, k, v, cu_seqlens)):
         raise ValueError("q, k, v and cu_seqlens must be tensors")
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -33,8 +36,14 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
             ok = False
         if not ok:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not 0 < softmax_scale < math.inf):
-        raise ValueError(f"softmax_scale={softmax_scale} must be a finite number > 0 (or None: head_dim ** -0.5)")
+    if softmax_scale is not None:
+        try:  # Python and numpy floats, 0-dim tensors; not bools
+            scale = None if isinstance(softmax_scale, bool) else float(softmax_scale)
+        except (TypeError, ValueError, RuntimeError):
+            scale = None
+        if scale is None or not 0 < scale < math.inf:
+            raise ValueError(f"softmax_scale={softmax_scale} must be a finite number > 0 (or None: head_dim ** -0.5)")
+        softmax_scale = scale
     if cu_seqlens.device.type == "meta":
         raise ValueError("cu_seqlens must hold values (it is on the meta device)")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
@@ -44,3 +53,4 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
         raise ValueError(f"cu_seqlens must run from 0 to the token count {q.shape[0]}")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError("cu_seqlens must not decrease (documents have lengths >= 0)")
+    return operator.index(block_size), operator.index(top_k), softmax_scale

@@ -32,6 +32,9 @@ def check_supported(q: Tensor) -> None:
         raise ValueError(f"triton MoBA backend supports {q.dtype} up to head_dim {min(256, widest)}, got {dim}")
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError("triton MoBA backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
+    if interpreting() and q.dtype == torch.bfloat16:  # its bf16 tl.dot multiplies the raw 16-bit patterns
+        raise ValueError("the Triton interpreter cannot run the triton MoBA backend in bf16 (its bf16 products are "
+                         "wrong); use fp16 or fp32 on the CPU, or backend='naive'")
 
 
 def aligned(x: Tensor) -> Tensor:
