@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from moba_train.data.config import DataConfig
 from moba_train.data.tokenizer import BYTE_VOCAB
 from moba_train.errors import ConfigError
-from moba_train.model.config import ATTENTION_KINDS, AttentionConfig, ModelConfig
+from moba_train.model.config import ATTENTION_KINDS, UNSET, AttentionConfig, ModelConfig
 from moba_train.model.rope import ROPE_SCALING_KEYS
 from moba_train.ops import BACKENDS
 from moba_train.parallel.config import CP_MODES, ParallelConfig
@@ -41,15 +41,30 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="base", node=Config)
+    if not OmegaConf.has_resolver("from_checkpoint"):  # resolved outside to_config: the schema default
+        OmegaConf.register_new_resolver("from_checkpoint", lambda _node_: getattr(ModelConfig(), _node_._key()))
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
-    """Hydra's DictConfig -> typed Config dataclasses (validated)."""
-    config = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    """Hydra's DictConfig -> typed Config dataclasses (validated).
+
+    `model.*` keys left UNSET (configs/model/from_init.yaml) take the checkpoint's values; every key the config
+    sets overrides them, even where it equals the schema default. A Config dataclass has no unset keys: there
+    the values that differ from the defaults override (`pretrained.config_overrides`)."""
+    explicit = None
+    if isinstance(cfg, Config):
+        config = cfg
+    else:
+        cfg = cfg.copy()
+        raw = OmegaConf.to_container(cfg.model, resolve=False)
+        explicit = [key for key, value in raw.items() if value != UNSET]
+        for key in raw.keys() - set(explicit):
+            cfg.model[key] = getattr(ModelConfig(), key)
+        config = OmegaConf.to_object(cfg)
     if config.model.init_from:  # the architecture of the checkpoint, with the run's model.* overrides
         from moba_train.model.pretrained import resolve_model_config
 
-        config.model = resolve_model_config(config.model)
+        config.model = resolve_model_config(config.model, explicit)
     validate(config)
     return config
 

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moba_train.errors import UserError  # noqa: E402
 from moba_train.model import AttentionConfig, ModelConfig, hf, pretrained  # noqa: E402
+from moba_train.model.config import UNSET  # noqa: E402
 from moba_train.train.schedule_attn import AttentionSchedule, describe  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def model_config_from_run(config_path: str):
     unknown = sorted(set(model) - known)
     if unknown:
         raise UserError(f"{config_path}: unknown model keys {unknown}")
-    return ModelConfig(**model)
+    return ModelConfig(**{key: value for key, value in model.items() if value != UNSET})  # left to the checkpoint
 
 
 def load_ours(path: str, dtype, config_path):

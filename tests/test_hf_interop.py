@@ -189,3 +189,31 @@ def test_init_from_a_file_says_it_is_a_file(tmp_path):
             look(str(tmp_path / "model.safetensors"))
         with pytest.raises(UserError, match="nope: no such checkpoint directory"):
             look(str(tmp_path / "nope"))
+
+
+def test_explicit_model_values_override_the_checkpoint_even_at_schema_defaults(tmp_path):
+    """Under model=from_init a value the command line sets wins over the checkpoint's even where it equals the
+    schema default (rope_theta 10000, rope_scaling null: both were silently dropped, so the checkpoint's 500000 and
+    llama3 scaling stayed); unset keys come from the checkpoint; the trainer's model is built with them."""
+    from hydra import compose, initialize_config_dir
+
+    from moba_train.config import register_configs, to_config
+    from moba_train.model.pretrained import init_model
+
+    _, path = make_hf(tmp_path, vocab_size=300)  # the default data (synthetic bytes) needs 260 tokens
+    register_configs()
+
+    def load(*overrides):
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+            return to_config(compose(config_name="config", overrides=["model=from_init", f"model.init_from={path}",
+                                                                      *overrides]))
+
+    kept = load().model
+    assert (kept.rope_theta, kept.rope_scaling["rope_type"], kept.dim, kept.norm_eps) == (500000.0, "llama3", 64, 1e-5)
+    cfg = load("model.rope_theta=10000.0", "model.rope_scaling=null", "model.max_seq_len=8192")
+    assert (cfg.model.rope_theta, cfg.model.rope_scaling, cfg.model.max_seq_len, cfg.model.dim) == (10000.0, None,
+                                                                                                   8192, 64)
+    model = init_model(cfg.model, FULL, "cpu")
+    assert (model.cfg.rope_theta, model.cfg.rope_scaling) == (10000.0, None)
+    with pytest.raises(UserError, match="the checkpoint has dim=64 but the config sets model.dim=256"):
+        load("model.dim=256")

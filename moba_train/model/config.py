@@ -5,6 +5,8 @@ from typing import Any, Optional
 
 ATTENTION_KINDS = ("moba", "full")
 
+UNSET = "${from_checkpoint:}"  # configs/model/from_init.yaml: a model.* key the run leaves to model.init_from
+
 # Fields that describe the architecture: a checkpoint fixes them (`model.init_from` takes them from it)
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 

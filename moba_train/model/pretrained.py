@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Collection, Iterator, Optional, Union
 
 import torch
 
@@ -105,14 +105,17 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 
 REQUIRED = "REQUIRED"  # configs/model/from_init.yaml: the recipe needs model.init_from
+# what a run may set on top of a checkpoint: everything but the shape
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in SHAPE_FIELDS + ("init_from",))
 
 
-def config_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
-    """The `model.*` values a run sets on top of an `init_from` checkpoint: those that differ from the schema
-    defaults (`configs/model/from_init.yaml` sets none, so everything comes from the checkpoint)."""
+def config_overrides(model_cfg: ModelConfig, explicit: Optional[Collection[str]] = None) -> dict[str, Any]:
+    """The `model.*` values a run sets on top of an `init_from` checkpoint: the keys in `explicit` (those a Hydra
+    config set; `configs/model/from_init.yaml` leaves every one unset), or without it those that differ from the
+    schema defaults."""
     default = ModelConfig()
-    return {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ModelConfig)
-            if f.name != "init_from" and getattr(model_cfg, f.name) != getattr(default, f.name)}
+    return {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "init_from" and
+            (f.name in explicit if explicit is not None else getattr(model_cfg, f.name) != getattr(default, f.name))}
 
 
 def _check_shapes(ckpt_cfg: ModelConfig, overrides: dict[str, Any], where: str) -> dict[str, Any]:
@@ -216,10 +219,10 @@ def find_checkpoint(path: str) -> str:
     return max(found)[1]
 
 
-def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
+def resolve_model_config(model_cfg: ModelConfig, explicit: Optional[Collection[str]] = None) -> ModelConfig:
     """The architecture a run trains: `model.*` itself, or with `model.init_from` the checkpoint's config with
-    the run's overrides (non-default `model.*` values) on top. A DCP checkpoint's architecture is the
-    `model_config.json` of the run that wrote it (or `model.*` itself for runs that did not record one)."""
+    the run's overrides (`config_overrides`) on top. A DCP checkpoint's architecture is the `model_config.json` of
+    the run that wrote it (or `model.*` itself for runs that did not record one)."""
     if not model_cfg.init_from:
         return model_cfg
     if model_cfg.init_from == REQUIRED:
@@ -236,24 +239,24 @@ def resolve_model_config(model_cfg: ModelConfig) -> ModelConfig:
         ckpt_cfg = hf.config_from_hf(hf.read_json(config_path), where=config_path)
     else:
         config_path, ckpt_cfg = os.path.join(path, hf.CONFIG_FILE), read_config(path)
-    overrides = _check_shapes(ckpt_cfg, config_overrides(model_cfg), config_path)
+    overrides = _check_shapes(ckpt_cfg, config_overrides(model_cfg, explicit), config_path)
     return dataclasses.replace(ckpt_cfg, **overrides, init_from=os.path.abspath(path))
 
 
 def init_model(model_cfg: ModelConfig, attn_cfg: AttentionConfig, device: Union[str, torch.device]) -> Llama:
     """The model a run starts from: random (no `init_from`), or loaded from `model.init_from` (HF dir,
-    consolidated moba-train dir, trainer DCP checkpoint or run dir; see resolve_model_config)."""
+    consolidated moba-train dir, trainer DCP checkpoint or run dir). `model_cfg` is resolved (`to_config`): its
+    non-shape values are the run's, its shape is checked against the checkpoint's."""
     if not model_cfg.init_from:
         with torch.device(device):
             return Llama(model_cfg, attn_cfg)
-    cfg = resolve_model_config(model_cfg)
+    cfg = resolve_model_config(model_cfg, RUN_FIELDS)
     if is_dcp_dir(cfg.init_from):
         from moba_train.model.dcp_import import load_dcp_model
 
         model, kind = load_dcp_model(cfg.init_from, cfg, attn_cfg, device), "DCP checkpoint"
     else:
-        keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
-                if f.name not in SHAPE_FIELDS and f.name != "init_from"}
+        keep = {name: getattr(cfg, name) for name in RUN_FIELDS}
         model = load_pretrained(cfg.init_from, attn_cfg, dtype="float32", device=device, **keep)
         kind = "HF Llama" if checkpoint_kind(cfg.init_from) == "hf" else "moba-train checkpoint"
     if int(os.environ.get("RANK", "0")) == 0:
