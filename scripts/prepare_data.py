@@ -83,7 +83,7 @@ def check_input(file: str) -> None:
 def documents(files: list[str], json_key: str) -> Iterator[str]:
     for file in files:
         if not is_json(file):
-            with open_input(file, encoding="utf-8") as f:
+            with open_input(file, encoding="utf-8", newline="") as f:  # line endings as written
                 try:
                     text = f.read()
                 except UnicodeDecodeError as e:  # read() decodes the whole file at once: e.object is all of it

@@ -72,6 +72,22 @@ def test_sharded_and_default_rope(tmp_path):
     assert torch.equal(ours.inv_freq, hf_model.model.rotary_emb.inv_freq)
 
 
+def test_export_over_an_earlier_one_leaves_only_its_own_shards(tmp_path):
+    """Re-exporting into a directory replaces every weight file: the earlier export's shards (another shard
+    count) were left behind, to be uploaded or globbed along with the new ones."""
+    _, path = make_hf(tmp_path)
+    ours = from_hf(path, FULL)
+    out = tmp_path / "out"
+    to_hf(ours, out, max_shard_bytes=40_000)
+    first = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    to_hf(ours, out, max_shard_bytes=80_000)
+    second = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    n = len(second)
+    assert len(first) > n > 1 and second == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    to_hf(ours, out)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model.safetensors"]
+
+
 def test_linear_scaling_and_dtype(tmp_path):
     hf_model, path = make_hf(tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0}, dtype=torch.bfloat16)
     assert from_hf(path, FULL, dtype="auto").embed_tokens.weight.dtype == torch.bfloat16

@@ -30,6 +30,16 @@ def test_directory_skips_hidden_files_and_reads_gzip(tmp_path):
     assert [ds[i].tolist() for i in range(len(texts))] == [tok.encode(t) + [BYTE_EOS] for t in texts]
 
 
+def test_text_keeps_its_line_endings(tmp_path):
+    """Plain text is stored byte for byte, as JSON Lines text is (universal newlines turned \r\n and \r into \n)."""
+    text = "line one\r\nline two\rline three\n"
+    (tmp_path / "t.txt").write_bytes(text.encode())
+    prefix = str(tmp_path / "data")
+    prepare_data.prepare([str(tmp_path / "t.txt")], prefix, workers=1, progress=False)
+    ds = indexed_dataset(prefix)  # held: its memory map must outlive the row read from it
+    assert ds[0].tolist() == load_tokenizer("byte").encode(text) + [BYTE_EOS]
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("blob.dat", b"text\x00more", "binary"),
     ("shard.parquet", b"PAR1 looks like text", "binary"),

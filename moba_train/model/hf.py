@@ -11,6 +11,7 @@ tensor by tensor with safetensors, so a large checkpoint is never held twice in 
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -270,6 +271,9 @@ def _full(t: Tensor) -> Tensor:
     return t.detach()
 
 
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def write_safetensors(tensors: dict[str, Tensor], out_dir: str, max_shard_bytes: int,
                   metadata: dict[str, str]) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger than max_shard_bytes."""
@@ -282,8 +286,8 @@ def write_safetensors(tensors: dict[str, Tensor], out_dir: str, max_shard_bytes:
             size = 0
         shards[-1][name] = t
         size += nbytes
-    for stale in (WEIGHTS_FILE, INDEX_FILE):
-        if os.path.exists(os.path.join(out_dir, stale)):
+    for stale in os.listdir(out_dir):  # an earlier export's weights, whichever way it was sharded
+        if stale in (WEIGHTS_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(stale):
             os.remove(os.path.join(out_dir, stale))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, WEIGHTS_FILE), metadata=metadata)
