@@ -228,3 +228,42 @@ def test_tiny_trains_on_prepared_data(corpus, tmp_path):
         timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.idx" in run.stderr
+
+
+def test_data_without_a_tokenizer_record_is_checked_on_its_tokens(tmp_path, caplog, monkeypatch):
+    """Data from Megatron-LM's own preprocessing has no <prefix>.json: ids of a 50K vocabulary read with the default
+    byte tokenizer cut documents at id 257 (an ordinary token there) silently, and crashed the embedding later.
+    Now ids past the tokenizer's vocabulary stop the run at start with one line; a sample without the
+    end-of-document id warns; an id the start-up sample missed stops at its sample."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    def build(name, docs):
+        prefix = str(tmp_path / name)
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        for doc in docs:
+            builder.add_document(torch.tensor(doc), [len(doc)])
+        builder.finalize(prefix + ".idx")
+        return prefix
+
+    rng = np.random.default_rng(0)
+    gpt2 = build("gpt2", [list(rng.integers(0, 50256, 300)) + [50256] for _ in range(8)])
+    with pytest.raises(UserError, match=r"gpt2.bin holds token id \d+ .* but data.megatron.tokenizer='byte' has 260"):
+        build_dataset(cfg_for(gpt2, reset_at_eod=True), seed=0, num_samples=4)
+    no_eod = build("no_eod", [list(rng.integers(0, 256, 300)) for _ in range(8)])
+    with caplog.at_level("WARNING"):
+        build_dataset(cfg_for(no_eod, reset_at_eod=True), seed=0, num_samples=4)
+    assert "none of 2400 sampled tokens is data.megatron.tokenizer='byte''s end-of-document id 257" in caplog.text
+    # an id between the sampled chunks (two of 100 tokens here: the start and the end of a 2400-token file)
+    from moba_train.data import megatron
+
+    monkeypatch.setattr(megatron, "SAMPLE_CHUNKS", 2)
+    monkeypatch.setattr(megatron, "SAMPLE_CHUNK_TOKENS", 100)
+    docs = [[1] * 299 + [BYTE_EOS] for _ in range(8)]
+    docs[3][150] = 300
+    late = build("late", docs)
+    ds = build_dataset(cfg_for(late, seq_len=64), seed=0, num_samples=30)
+    with pytest.raises(UserError, match=r"sample \d+ holds token id 300, but data.megatron.tokenizer='byte' has 260"):
+        for i in range(len(ds)):
+            ds[i]

@@ -40,7 +40,9 @@ from moba_train.model.llama import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
-DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2}  # megatron-core DType codes -> bytes
+# megatron-core's DType codes
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+SAMPLE_CHUNKS, SAMPLE_CHUNK_TOKENS = 16, 1 << 20  # tokens read to check a dataset that names no tokenizer
 
 
 class DatasetFileError(UserError):
@@ -89,8 +91,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def check_indexed(prefix: str) -> tuple[int, int]:
-    """Validate `<prefix>.idx` / `<prefix>.bin` (presence, header, sizes); returns (documents, tokens)."""
+def check_indexed(prefix: str) -> tuple[int, int, type]:
+    """Validate `<prefix>.idx` / `<prefix>.bin` (presence, header, sizes); returns (documents, tokens, dtype)."""
     idx, bin_ = prefix + ".idx", prefix + ".bin"
     for file in (idx, bin_):
         if not os.path.isfile(file):
@@ -103,24 +105,26 @@ def check_indexed(prefix: str) -> tuple[int, int]:
         raise DatasetFileError(f"{idx}: not a Megatron indexed-dataset index (bad header)")
     code = head[17]
     n_seq, n_doc = struct.unpack("<QQ", head[18:34])
-    if code not in DTYPE_SIZES or n_doc < 1 or size != 34 + n_seq * 12 + n_doc * 8:
+    if code not in DTYPES or n_doc < 1 or size != 34 + n_seq * 12 + n_doc * 8:
         raise DatasetFileError(f"{idx}: damaged index (dtype code {code}, {n_seq} sequences, {n_doc - 1} documents, "
                                f"{size} bytes)")
     lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=34, shape=(n_seq,)) if n_seq else np.zeros(0)
     tokens = int(lengths.sum(dtype=np.int64))
-    expected = tokens * DTYPE_SIZES[code]
+    expected = tokens * np.dtype(DTYPES[code]).itemsize
     if os.path.getsize(bin_) != expected:
         raise DatasetFileError(f"{bin_}: {os.path.getsize(bin_)} bytes, but {idx} describes {expected} "
                                "(truncated or mismatched .bin/.idx pair)")
     if tokens == 0:
         raise DatasetFileError(f"{bin_}: the dataset holds no tokens")
-    return n_doc - 1, tokens
+    return n_doc - 1, tokens, DTYPES[code]
 
 
-def check_sidecar(prefix: str, tok) -> None:
-    """prepare_data.py writes `<prefix>.json` naming its tokenizer; a different data tokenizer is an error."""
+def check_sidecar(prefix: str, tok, tokens: int, dtype: type) -> None:
+    """prepare_data.py writes `<prefix>.json` naming its tokenizer; a different data tokenizer is an error. Data
+    without one (Megatron-LM's own preprocessing) is checked on a sample of its tokens instead."""
     file = prefix + ".json"
     if not os.path.isfile(file):
+        check_sample(prefix, tok, tokens, dtype)
         return
     try:
         with open(file) as f:
@@ -131,6 +135,24 @@ def check_sidecar(prefix: str, tok) -> None:
         raise UserError(f"{file}: dataset was tokenized with {info.get('tokenizer')!r} (vocab {info.get('vocab_size')}, "
                         f"eod {info.get('eod')}), but data.megatron.tokenizer={tok.name!r} has vocab "
                         f"{tok.vocab_size}, eod {tok.eod}")
+
+
+def check_sample(prefix: str, tok, tokens: int, dtype: type) -> None:
+    """Ids past the tokenizer's vocabulary mean the data was made with another tokenizer (its end-of-document id
+    would then cut documents at an ordinary token): an error. No end-of-document id at all: a warning."""
+    data = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(tokens,))
+    span = min(SAMPLE_CHUNK_TOKENS, tokens)
+    starts = np.linspace(0, tokens - span, SAMPLE_CHUNKS, dtype=np.int64)
+    sample = np.concatenate([data[start:start + span] for start in np.unique(starts)])
+    top = sample.max()
+    if top >= tok.vocab_size or sample.min() < 0:
+        raise UserError(f"{prefix}.bin holds token id {top} (of {sample.min()}..{top} in {sample.size} sampled tokens) "
+                        f"but data.megatron.tokenizer={tok.name!r} has {tok.vocab_size} tokens: set it to the "
+                        "tokenizer the data was made with")
+    if not (sample == tok.eod).any():
+        log.warning("%s.bin: none of %d sampled tokens is data.megatron.tokenizer=%r's end-of-document id %d; "
+                    "documents are told apart by that id (data.reset_at_eod): is it the tokenizer the data was "
+                    "made with?", prefix, sample.size, tok.name, tok.eod)
 
 
 def data_fingerprint(prefixes: list[str]) -> str:
@@ -200,18 +222,18 @@ class MegatronData:
         check_vocab(f"data.megatron.tokenizer={mcfg.tokenizer!r}", self.tokenizer.vocab_size, vocab_size)
         self.eod = self.tokenizer.eod
         prefixes, weights = parse_blend(cfg.path)
-        sizes = [check_indexed(prefix) for prefix in prefixes]  # (documents, tokens)
-        for prefix in prefixes:
-            check_sidecar(prefix, self.tokenizer)
-        check_split(mcfg.split, prefixes, [docs for docs, _ in sizes])
-        total = sum(tokens for _, tokens in sizes)
+        sizes = [check_indexed(prefix) for prefix in prefixes]  # (documents, tokens, dtype)
+        for prefix, (_, tokens, dtype) in zip(prefixes, sizes):
+            check_sidecar(prefix, self.tokenizer, tokens, dtype)
+        check_split(mcfg.split, prefixes, [docs for docs, _, _ in sizes])
+        total = sum(tokens for _, tokens, _ in sizes)
         if total <= cfg.seq_len:
             log.warning("data.path=%r holds %d tokens, fewer than one sample of data.seq_len=%d: every sample "
                         "repeats the data", cfg.path, total, cfg.seq_len)
         if weights is None and len(prefixes) > 1:
             # megatron-core builds an unweighted blend for one epoch, which the loader would replay in the same
             # order; weights in proportion to the tokens sample the same mixture and reshuffle every epoch
-            weights = [float(tokens) for _, tokens in sizes]
+            weights = [float(tokens) for _, tokens, _ in sizes]
         cache_root = mcfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index_cache")
         cache = os.path.join(cache_root, data_fingerprint(prefixes))
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -255,6 +277,9 @@ class MegatronData:
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.dataset[index]
         ids, labels = sample["tokens"].long(), sample["labels"].long().clone()
+        if int(ids.max()) >= self.tokenizer.vocab_size:  # past the sampled check at start: the embedding's bound
+            raise UserError(f"data.path sample {index} holds token id {int(ids.max())}, but data.megatron.tokenizer="
+                            f"{self.tokenizer.name!r} has {self.tokenizer.vocab_size} tokens")
         labels[sample["loss_mask"] == 0] = IGNORE_INDEX
         out = {"input_ids": ids, "labels": labels}
         if self.reset_at_eod:
