@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moba_train.errors import UserError  # noqa: E402
 from moba_train.model import AttentionConfig, ModelConfig, hf, pretrained  # noqa: E402
 from moba_train.model.config import UNSET  # noqa: E402
+from moba_train.train.checkpoint import RUN_CONFIG  # noqa: E402
 from moba_train.train.schedule_attn import AttentionSchedule, describe  # noqa: E402
 
 
@@ -75,7 +76,11 @@ def moba_settings(path: str, config_path, n_layers: int) -> dict:
 
 
 def find_run_config(path: str) -> str:
-    """The Hydra config of the run that wrote a DCP checkpoint: <run>/.hydra/config.yaml above it."""
+    """The config a DCP checkpoint was trained with: its own config.yaml, or for checkpoints written before they
+    carried one, the Hydra config of the run above it (<run>/.hydra/config.yaml, which a later launch in that
+    out_dir rewrites)."""
+    if os.path.isfile(os.path.join(path, RUN_CONFIG)):
+        return os.path.join(path, RUN_CONFIG)
     here = os.path.abspath(path)
     for _ in range(4):
         candidate = os.path.join(here, ".hydra", "config.yaml")

@@ -20,11 +20,16 @@ from moba_train.device import device_arg  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 from moba_train.eval import evaluate_needles, summarize  # noqa: E402
 from moba_train.model.pretrained import checkpoint_step, find_checkpoint, init_model, is_dcp_dir  # noqa: E402
+from moba_train.train.checkpoint import RUN_CONFIG  # noqa: E402
 from moba_train.train.schedule_attn import AttentionSchedule, describe  # noqa: E402
 
 
-def load_run_config(run: str) -> Config:
-    path = os.path.join(run, ".hydra", "config.yaml")
+def load_run_config(run: str, checkpoint: str) -> Config:
+    """The config the checkpoint was trained with (its config.yaml; older checkpoints: the run's Hydra config,
+    which a later launch in the run dir rewrites)."""
+    path = os.path.join(checkpoint, RUN_CONFIG)
+    if not os.path.isfile(path):
+        path = os.path.join(run, ".hydra", "config.yaml")
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found (--run must be a training run's train.out_dir)")
     cfg = to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
@@ -47,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.top_k is not None and args.top_k < 1:
             raise UserError(f"--top-k {args.top_k}: must be >= 1 (leave it out to use the run's attention.top_k)")
         device_arg(args.device)
-        cfg = load_run_config(args.run)
-        top_k = cfg.attention.top_k if args.top_k is None else args.top_k
         checkpoint = find_checkpoint(args.run)
+        cfg = load_run_config(args.run, checkpoint)
+        top_k = cfg.attention.top_k if args.top_k is None else args.top_k
         # the layer kinds its newest checkpoint was trained with (attention.schedule may have switched layers); a
         # consolidated export carries no step: the run's end
         steps_done = checkpoint_step(checkpoint) if is_dcp_dir(checkpoint) else cfg.train.steps

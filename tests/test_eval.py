@@ -105,6 +105,20 @@ def test_script_top_k_defaults_to_the_runs(run_dir, capsys):
         assert f"top_k {top_k}," in capsys.readouterr().out
 
 
+def test_script_reads_the_checkpoints_own_config(run_dir, capsys):
+    """A checkpoint's config.yaml (what it was trained with) wins over the run's .hydra/config.yaml, which any later
+    launch in the run dir rewrites (a failed one included)."""
+    from moba_train.train.checkpoint import RUN_CONFIG
+
+    hydra_cfg = os.path.join(run_dir, ".hydra", "config.yaml")
+    os.replace(hydra_cfg, os.path.join(run_dir, RUN_CONFIG))
+    cfg = OmegaConf.load(os.path.join(run_dir, RUN_CONFIG))
+    cfg.attention.top_k = 1
+    OmegaConf.save(cfg, hydra_cfg)
+    eval_script().main(["--run", run_dir, "--samples", "1", "--device", "cpu"])
+    assert "top_k 3," in capsys.readouterr().out
+
+
 def test_script_evaluates_the_layers_the_schedule_trained(run_dir, capsys):
     """A run whose attention.schedule switched every layer to full attention is evaluated with full layers (it
     used to get MoBA in every layer, and gate recall for layers that never routed)."""

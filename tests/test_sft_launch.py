@@ -73,6 +73,11 @@ def test_sft_tiny_from_tiny_checkpoint(tmp_path):
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
     ckpt = sft / "checkpoints" / "step_00000002"
+    # a later launch in the run dir rewrites .hydra/config.yaml (even one that fails): the export still takes the
+    # attention the checkpoint was trained with, from the checkpoint's own config.yaml
+    hydra_cfg = sft / ".hydra" / "config.yaml"
+    assert "block_size: 64" in hydra_cfg.read_text()
+    hydra_cfg.write_text(hydra_cfg.read_text().replace("block_size: 64", "block_size: 512"))
     assert convert.main(["ours-to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
     cfg = config("sft", *args)
     ours = load_dcp_model(str(ckpt), cfg.model, AttentionConfig(kind="full"))

@@ -5,6 +5,8 @@ Layout under `<train.out_dir>/checkpoints/`:
     step_00000100/            a complete checkpoint (only complete ones carry this name)
       .metadata, __*_*.distcp   model + optimizer (DCP; sharded under FSDP2, resharded on load)
       train_state.pt          step, LR schedule, data position (consumed samples), run facts
+      config.yaml             the run's resolved config as trained (init_from dropped): what exports and evals
+                              read, since <out_dir>/.hydra/config.yaml is rewritten by every later launch there
       rng_<rank>.pt           torch CPU/CUDA, numpy and python RNG states of each rank
       manifest.json           every file of the checkpoint with its size; written last
     .tmp-step_00000100/       a save in progress (or one that died): never read, removed on the next start
@@ -24,6 +26,7 @@ DCP's .metadata not), `shards` (DCP complete, train/rng state not written), `man
 before the rename).
 """
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moba_train.errors import CheckpointError
@@ -52,6 +56,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
+RUN_CONFIG = "config.yaml"  # in each checkpoint: the config it was trained with
 ABANDONED_PREFIX = ".abandoned-"
 FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
 
@@ -262,6 +267,9 @@ class Checkpointer:
             torch.save({"step": trainer.step, "scheduler": trainer.scheduler.state_dict(),
                         "loader": trainer.loader.state_dict(), "run": json.dumps(run_info or {})},
                        os.path.join(tmp, "train_state.pt"))
+            cfg = dataclasses.replace(trainer.cfg, model=dataclasses.replace(trainer.cfg.model, init_from=None))
+            with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     def _publish(self, tmp: str, final: str, step: int) -> None:
         _barrier()  # every rank's files are written
