@@ -365,6 +365,18 @@ def test_resume_takes_the_optimizer_settings_of_the_config(tmp_path, caplog):
                                                           (4, 1e-5 * lr_factor(3, cfg.train))]
 
 
+def test_finished_run_launched_again_says_so(tmp_path, caplog):
+    """Launching a finished run again (e.g. with changed attention) trained nothing and said nothing: it now says
+    why, and a resume with other attention settings is named as such."""
+    Trainer(config(tmp_path, "train.steps=2")).train()
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(config(tmp_path, "train.steps=2", "attention.top_k=1"))
+        trainer.train()
+    assert trainer.step == 2
+    assert "the checkpoint at step 2 has reached train.steps=2: nothing to train" in caplog.text
+    assert "'top_k': 1" in caplog.text and "the layers go on with other attention" in caplog.text
+
+
 def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path):
     import time
 

@@ -409,6 +409,7 @@ class Checkpointer:
         self._abandon_newer(trainer.step, out_dir)
         for key, value in (run_info or {}).items():
             if key in saved and saved[key] != value:
-                log.warning("resuming with %s=%r, saved with %r: sample order or schedule may differ from the "
-                            "saved run", key, value, saved[key])
+                effect = ("the layers go on with other attention" if key == "attention" else
+                          "sample order or schedule may differ from the saved run")
+                log.warning("resuming with %s=%r, saved with %r: %s", key, value, saved[key], effect)
         return path

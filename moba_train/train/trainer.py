@@ -4,6 +4,7 @@ Loss is the mean over every real (unmasked) token of the global batch (all micro
 ranks): each micro-batch contributes sum(token losses) / global token count.
 """
 
+import logging
 import math
 import os
 import time
@@ -24,6 +25,8 @@ from moba_train.train.optim import apply_config, build_optimizer, build_schedule
 from moba_train.train.checkpoint import Checkpointer
 from moba_train.train.signals import StopFlag
 from moba_train.train.stages import TrainingStages
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str, backend: str = "auto") -> torch.device:
@@ -61,7 +64,7 @@ class Trainer:
         self.loader = Loader(dataset, cfg.data.batch_size, self.dims.dp_rank, self.dims.dp, cfg.train.seed)
         self.step = 0
         self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
-                         "seq_len": cfg.data.seq_len, "steps": cfg.train.steps}
+                         "seq_len": cfg.data.seq_len, "steps": cfg.train.steps, "attention": asdict(cfg.attention)}
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
         if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info, cfg.model.init_from):
             apply_config(self.optimizer, self.scheduler, cfg.train)
@@ -104,6 +107,9 @@ class Trainer:
         logger = MetricsLogger(cfg.out_dir, cfg.steps, self.step, self.cfg.logger, self.dims.is_main,
                                run_config=asdict(self.cfg))
         self.model.train()
+        if self.step >= cfg.steps and self.dims.is_main:  # a finished run launched again, e.g. with new settings
+            log.warning("the checkpoint at step %d has reached train.steps=%d: nothing to train (raise train.steps "
+                        "to go on, or give a new run another train.out_dir)", self.step, cfg.steps)
         tick, tokens = time.perf_counter(), 0
         stop = StopFlag().install()
         try:
