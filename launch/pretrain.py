@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from moba_train.config import register_configs, to_config  # noqa: E402
+from moba_train.config import refuse_bad_out_dir, register_configs, to_config  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 
 register_configs()
@@ -26,4 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_bad_out_dir(sys.argv[1:])
     main()

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from moba_train.config import register_configs, to_config  # noqa: E402
+from moba_train.config import refuse_bad_out_dir, register_configs, to_config  # noqa: E402
 from moba_train.data.sft import check_sft_config  # noqa: E402
 from moba_train.errors import UserError  # noqa: E402
 
@@ -33,4 +33,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_bad_out_dir(sys.argv[1:])
     main()

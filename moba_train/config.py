@@ -5,7 +5,9 @@ which turns a bad value into one ConfigError line naming the key and the allowed
 """
 
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +45,19 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base", node=Config)
     if not OmegaConf.has_resolver("from_checkpoint"):  # resolved outside to_config: the schema default
         OmegaConf.register_new_resolver("from_checkpoint", lambda _node_: getattr(ModelConfig(), _node_._key()))
+
+
+def refuse_bad_out_dir(argv: list[str]) -> None:
+    """Hydra creates `train.out_dir` (hydra.run.dir) before the run starts: a command-line value that is a file, or
+    lies under one, would end in a traceback there. One `error:` line instead (exit 2)."""
+    for arg in argv:
+        if arg.startswith("train.out_dir="):
+            path = os.path.abspath(arg.split("=", 1)[1])
+            while not os.path.exists(path):
+                path = os.path.dirname(path)
+            if not os.path.isdir(path):
+                print(f"error: {arg}: {path} is a file, not a directory", file=sys.stderr)
+                sys.exit(2)
 
 
 def to_config(cfg: DictConfig | Config) -> Config:

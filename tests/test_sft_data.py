@@ -9,6 +9,7 @@ from moba_train.data.config import DataConfig, SFTDataConfig
 from moba_train.data.loader import Loader, collate
 from moba_train.data.sft import (BOS, EOT, HEADER, ByteTemplate, HFTemplate, SFTDataError, SFTDataset, pack,
                                  read_jsonl, to_example)
+from moba_train.errors import UserError
 from moba_train.model import AttentionConfig, IGNORE_INDEX, Llama, ModelConfig
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the answer?"},
@@ -81,6 +82,18 @@ def test_template_of_a_run_dir_comes_from_the_checkpoint_it_started_from(tmp_pat
     for spec in ("run", "run/checkpoints/step_00000002"):
         tpl = build_template(str(tmp_path / spec))
         assert tpl.path == hf_dir and tpl.encode(CHAT, "x") == HFTemplate(hf_dir).encode(CHAT, "x")
+
+
+def test_run_dir_without_a_tokenizer_in_its_lineage_is_one_line(tmp_path):
+    """A byte-vocabulary run dir as the tokenizer (sft_hybrid's default data.sft.tokenizer=${model.init_from}):
+    transformers' cut-off ValueError before; now what to set."""
+    from moba_train.data.sft import build_template
+    from moba_train.model.pretrained import write_run_model_config
+
+    write_run_model_config(ModelConfig(), str(tmp_path / "run"))
+    with pytest.raises(UserError, match=r"run: no tokenizer there or in the checkpoints it descends from; set "
+                                        r"data.sft.tokenizer=<HF tokenizer dir>, or byte"):
+        build_template(str(tmp_path / "run"))
 
 
 def test_hf_template_errors(tmp_path):

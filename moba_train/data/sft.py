@@ -175,7 +175,11 @@ def build_template(spec: Optional[str]):
     checkpoint) takes the one of the checkpoint it descends from (recorded init_from links)."""
     if spec in (None, "", "byte"):
         return ByteTemplate()
-    return HFTemplate(tokenizer_dir(spec) or spec)
+    found = tokenizer_dir(spec)
+    if found is None and os.path.isdir(spec):
+        raise UserError(f"data.sft.tokenizer={spec}: no tokenizer there or in the checkpoints it descends from; set "
+                        "data.sft.tokenizer=<HF tokenizer dir>, or byte for a byte-vocabulary model")
+    return HFTemplate(found or spec)
 
 
 # ------------------------------------------------------------------------------------------ synthetic set
