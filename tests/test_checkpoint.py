@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from moba_train.config import register_configs, to_config
-from moba_train.errors import UserError
+from moba_train.errors import CheckpointError, UserError
 from moba_train.train import checkpoint as ckpt
 from moba_train.train.optim import lr_factor
 from moba_train.train.trainer import Trainer
@@ -363,6 +363,36 @@ def test_resume_takes_the_optimizer_settings_of_the_config(tmp_path, caplog):
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["lr"]) for r in logged[2:]] == [(3, 1e-5 * lr_factor(2, cfg.train)),
                                                           (4, 1e-5 * lr_factor(3, cfg.train))]
+
+
+def test_failed_save_is_one_line_and_leaves_no_partial_directory(tmp_path, monkeypatch):
+    """A full disk during a save: DCP's wrapped per-rank traceback (or torch.save's zip-writer 'unexpected pos')
+    became one line naming the cause; the partial .tmp-step_* directory is removed and the last published
+    checkpoint still resumes."""
+    import errno
+    from shutil import _ntuple_diskusage as shutil_usage
+
+    Trainer(config(tmp_path, "checkpoint.interval=1", "train.steps=2")).train()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "x"))
+
+    monkeypatch.setattr(ckpt._Writer, "finish", full)  # DCP's own write path
+    trainer = Trainer(config(tmp_path, "checkpoint.interval=1", "train.steps=3"))
+    with pytest.raises(CheckpointError, match=r"saving step 3 failed: No space left on device \(.*checkpoints/x\)"):
+        trainer.train()
+    monkeypatch.undo()
+    zip_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(ckpt.torch, "save", lambda *a, **k: (_ for _ in ()).throw(zip_error))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil_usage(0, 0, 2**20))
+    trainer = Trainer(config(tmp_path, "checkpoint.interval=1", "train.steps=3"))
+    with pytest.raises(CheckpointError, match=r"saving step 3 failed: the disk holding .* is full \(1 MiB free\)"):
+        trainer.train()
+    monkeypatch.undo()
+    names = os.listdir(tmp_path / "checkpoints")
+    assert not any(n.startswith(ckpt.TMP_PREFIX) for n in names)
+    assert sorted(n for n in names if not n.startswith(".")) == ["step_00000001", "step_00000002"]
+    assert Trainer(config(tmp_path, "train.steps=3")).step == 2
 
 
 def test_finished_run_launched_again_says_so(tmp_path, caplog):

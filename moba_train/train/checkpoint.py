@@ -36,6 +36,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moba_train.errors import CheckpointError
@@ -57,6 +59,7 @@ CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 RUN_CONFIG = "config.yaml"  # in each checkpoint: the config it was trained with
+FULL_DISK_BYTES = 64 * 2**20  # free space below which a failed save is put down to a full disk
 ABANDONED_PREFIX = ".abandoned-"
 FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
 
@@ -137,6 +140,27 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[str]:
         if found:
             return found[-1][1]
     raise CheckpointError(f"{path}: not a checkpoint (no manifest.json) and holds no step_* checkpoints")
+
+
+def _save_failure(err: BaseException, root: str) -> str:
+    """The cause of a failed save in a few words: the first OS error among the exception, its causes and DCP's
+    per-rank failures; else a full disk (torch.save reports one as a zip-writer position mismatch); else the
+    error's last line."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        failures = getattr(e, "failures", None) or {}  # DCP's CheckpointException: rank -> (exception, traceback)
+        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [e.__cause__, e.__context__]
+    free = shutil.disk_usage(root).free
+    if free < FULL_DISK_BYTES:
+        return f"the disk holding {root} is full ({free // 2**20} MiB free)"
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(err).__name__
 
 
 def _rng_state() -> dict:
@@ -248,18 +272,31 @@ class Checkpointer:
         _barrier()
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        if self.cfg.async_save:
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._save_group,
-                                    no_dist=not dist.is_initialized())
+        with self._failing_save(tmp, step):
+            if self.cfg.async_save:
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._save_group,
+                                        no_dist=not dist.is_initialized())
+                self._write_small_files(trainer, tmp, run_info)
+                self._pending = (future, tmp, final, step)
+                self.last_saved = step
+                return final
+            dcp.save(state, storage_writer=_Writer(tmp, step), no_dist=not dist.is_initialized())
+            _fault("shards", step)
             self._write_small_files(trainer, tmp, run_info)
-            self._pending = (future, tmp, final, step)
-            self.last_saved = step
-            return final
-        dcp.save(state, storage_writer=_Writer(tmp, step), no_dist=not dist.is_initialized())
-        _fault("shards", step)
-        self._write_small_files(trainer, tmp, run_info)
         self._publish(tmp, final, step)
         return final
+
+    @contextmanager
+    def _failing_save(self, tmp: str, step: int):
+        """A save that fails (a full disk, say) ends the run with one line naming the cause, not DCP's wrapped
+        per-rank tracebacks, and leaves no partial directory behind (the published checkpoints stay)."""
+        try:
+            yield
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's is a BaseException; torch.save and
+            # DCP raise several types for the same I/O failure)
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{tmp}: saving step {step} failed: {_save_failure(err, self.root)}") from None
 
     def _write_small_files(self, trainer, tmp: str, run_info: Optional[dict]) -> None:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
@@ -297,7 +334,8 @@ class Checkpointer:
             return
         future, tmp, final, step = self._pending
         self._pending = None
-        future.result()
+        with self._failing_save(tmp, step):
+            future.result()
         self._publish(tmp, final, step)
 
     def poll(self) -> None:
