@@ -142,20 +142,26 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[str]:
     raise CheckpointError(f"{path}: not a checkpoint (no manifest.json) and holds no step_* checkpoints")
 
 
-def _save_failure(err: BaseException, root: str) -> str:
-    """The cause of a failed save in a few words: the first OS error among the exception, its causes and DCP's
-    per-rank failures; else a full disk (torch.save reports one as a zip-writer position mismatch); else the
-    error's last line."""
-    seen, todo = set(), [err]
+def _causes(err: BaseException) -> list[BaseException]:
+    """The exception, its causes and contexts, and DCP's per-rank failures (rank -> (exception, traceback))."""
+    seen, todo, out = set(), [err], []
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        out.append(e)
+        failures = getattr(e, "failures", None) or {}
+        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [e.__cause__, e.__context__]
+    return out
+
+
+def _save_failure(err: BaseException, root: str) -> str:
+    """The cause of a failed save in a few words: the first OS error among `_causes`; else a full disk
+    (torch.save reports one as a zip-writer position mismatch); else the error's last line."""
+    for e in _causes(err):
         if isinstance(e, OSError) and e.strerror:
             return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-        failures = getattr(e, "failures", None) or {}  # DCP's CheckpointException: rank -> (exception, traceback)
-        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [e.__cause__, e.__context__]
     free = shutil.disk_usage(root).free
     if free < FULL_DISK_BYTES:
         return f"the disk holding {root} is full ({free // 2**20} MiB free)"
@@ -294,6 +300,8 @@ class Checkpointer:
             yield
         except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's is a BaseException; torch.save and
             # DCP raise several types for the same I/O failure)
+            if any(not isinstance(e, (Exception, CheckpointException)) for e in _causes(err)):
+                raise  # an interrupt inside DCP's writer stays one, as the same interrupt elsewhere in the save
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"{tmp}: saving step {step} failed: {_save_failure(err, self.root)}") from None
