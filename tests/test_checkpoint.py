@@ -395,6 +395,18 @@ def test_failed_save_is_one_line_and_leaves_no_partial_directory(tmp_path, monke
     assert Trainer(config(tmp_path, "train.steps=3")).step == 2
 
 
+def test_megatron_stream_does_not_depend_on_train_steps(tmp_path):
+    """Runs of 2 and 200 steps draw the same batches, epoch after epoch: the sample index was built for steps x
+    global batch samples, and past one epoch megatron-core shuffled every epoch anew, so a run resumed with more
+    steps re-drew samples it had already seen instead of continuing its stream."""
+    loaders = [Trainer(config(tmp_path / str(steps), f"train.steps={steps}")).loader for steps in (2, 200)]
+    epoch = len(loaders[0].dataset)
+    assert 200 * 2 > 2 * epoch  # the long run spans more than two epochs
+    for _ in range(3 * epoch // 2):
+        first, second = (loader.next_batch()["input_ids"] for loader in loaders)
+        assert torch.equal(first, second)
+
+
 def test_finished_run_launched_again_says_so(tmp_path, caplog):
     """Launching a finished run again (e.g. with changed attention) trained nothing and said nothing: it now says
     why, and a resume with other attention settings is named as such."""

@@ -17,15 +17,15 @@ def test_rewritten_prefix_gets_a_new_sample_index(tmp_path):
     old, _ = write_corpus(str(tmp_path), n=200, seed=20, alphabet="a")
     prepare_data.prepare([old], prefix, workers=1, progress=False)
     prepare_data.prepare([old], other, workers=1, progress=False)
-    assert len(build_dataset(cfg_for(prefix, seq_len=16), seed=0, num_samples=64)) >= 64
-    assert len(build_dataset(cfg_for(other, seq_len=16), seed=0, num_samples=64)) >= 64
+    assert len(build_dataset(cfg_for(prefix, seq_len=16), seed=0)) >= 64
+    assert len(build_dataset(cfg_for(other, seq_len=16), seed=0)) >= 64
     cache_root = tmp_path / "out" / "index_cache"
     before = set(os.listdir(cache_root))
     assert len(before) == 2  # one index directory per dataset
 
     new, texts = write_corpus(str(tmp_path), n=20, seed=21, alphabet="bcd")  # fewer documents, other tokens
     prepare_data.prepare([new], prefix, workers=1, progress=False)
-    ds = build_dataset(cfg_for(prefix, seq_len=16, reset_at_eod=True), seed=0, num_samples=64)
+    ds = build_dataset(cfg_for(prefix, seq_len=16, reset_at_eod=True), seed=0)
     tok = load_tokenizer("byte")
     documents = {tuple(tok.encode(t) + [BYTE_EOS]) for t in texts}
     for i in range(len(ds)):  # a stale index points past the 20 new documents (IndexError) or cuts them wrongly
@@ -36,7 +36,7 @@ def test_rewritten_prefix_gets_a_new_sample_index(tmp_path):
         assert all(doc in documents for doc in inner)
     after = set(os.listdir(cache_root))
     assert len(after) == 2 and len(after & before) == 1  # the rewritten prefix's old index went, the other stayed
-    assert len(build_dataset(cfg_for(other, seq_len=16), seed=0, num_samples=64)) >= 64
+    assert len(build_dataset(cfg_for(other, seq_len=16), seed=0)) >= 64
     assert set(os.listdir(cache_root)) == after
 
 
@@ -46,4 +46,4 @@ def test_unwritable_index_cache_is_a_clear_error(tmp_path):
     prepare_data.prepare([corpus], prefix, workers=1, progress=False)
     (tmp_path / "file").write_text("")
     with pytest.raises(DatasetFileError, match="cache_dir to a writable directory"):
-        build_dataset(cfg_for(prefix, seq_len=16, cache_dir=str(tmp_path / "file" / "cache")), seed=0, num_samples=8)
+        build_dataset(cfg_for(prefix, seq_len=16, cache_dir=str(tmp_path / "file" / "cache")), seed=0)

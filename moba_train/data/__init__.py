@@ -4,18 +4,17 @@ from moba_train.data.config import DataConfig
 from moba_train.data.loader import Loader, collate
 
 
-def build_dataset(cfg: DataConfig, seed: int, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
+def build_dataset(cfg: DataConfig, seed: int, vocab_size: Optional[int] = None):
     """The dataset named by data.name: an indexable of {input_ids, labels[, doc_lens]}.
 
     Documents (doc_lens -> cu_seqlens) restart positions; the model derives them, so samples carry none.
-
-    num_samples: global samples the run will draw (steps x global batch); finite datasets (megatron) build
-    their sample index for that many. vocab_size: the model's, checked against the data's tokenizer.
+    Finite datasets (megatron, sft) hold one pass over their data; the Loader takes further epochs.
+    vocab_size: the model's, checked against the data's tokenizer.
     """
     if cfg.name == "megatron":
         from moba_train.data.megatron import MegatronData
 
-        return MegatronData(cfg, seed, num_samples, vocab_size)
+        return MegatronData(cfg, seed, vocab_size)
     if cfg.name == "sft":
         from moba_train.data.sft import SFTDataset
 

@@ -3,9 +3,11 @@
 `data.path` takes Megatron's blend syntax: one prefix (`/data/corpus`), several (`/data/a /data/b`, weighted
 by their sizes) or weight-prefix pairs (`0.3 /data/a 0.7 /data/b`). megatron-core's GPTDataset cuts the
 token stream into `data.seq_len + 1` windows, shuffles them from the seed (`train.seed`) and, for several
-prefixes, BlendedDataset interleaves them by weight. Sample i is a pure function of (files, seed, seq_len,
-split, num_samples); the Loader hands out consecutive samples across dp ranks, so resuming at any dp size
-continues the same stream.
+prefixes, BlendedDataset interleaves them by weight. The index covers one pass over the data (a blend: as many
+samples as the prefixes hold together, each prefix repeated or cut to its weight); the Loader takes further
+epochs in new seeded orders. Sample i is a pure function of (files, seed, seq_len, split), not of train.steps:
+a run resumed with more steps continues the same stream, and the Loader hands out consecutive samples across
+dp ranks, so resuming at any dp size does too.
 
 `data.reset_at_eod=true`: each end-of-document token closes a document; the sample carries `doc_lens`
 (-> cu_seqlens: attention and MoBA blocks never cross documents; the model restarts positions at each).
@@ -215,7 +217,7 @@ def _rank_zero_without_process_group():
 class MegatronData:
     """Indexable: {input_ids [S], labels [S] (IGNORE_INDEX where no loss)[, doc_lens]}."""
 
-    def __init__(self, cfg: DataConfig, seed: int, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
+    def __init__(self, cfg: DataConfig, seed: int, vocab_size: Optional[int] = None):
         mcfg = cfg.megatron
         self.seq_len, self.reset_at_eod = cfg.seq_len, cfg.reset_at_eod
         self.tokenizer = load_tokenizer(mcfg.tokenizer)
@@ -252,7 +254,8 @@ class MegatronData:
             reset_attention_mask=False, eod_mask_loss=mcfg.eod_mask_loss, create_attention_mask=False,
             mid_level_dataset_surplus=mcfg.mid_level_surplus)
         try:
-            sizes = [num_samples, None, None] if weights is None else [num_samples or len(prefixes), 0, 0]
+            # one pass (None: one epoch of the train split); a blend as many samples as its parts hold together
+            sizes = [None, None, None] if weights is None else [max(1, total // cfg.seq_len), 0, 0]
             with _rank_zero_without_process_group():
                 train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
         except OSError as e:

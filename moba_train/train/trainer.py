@@ -59,8 +59,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         global_batch = cfg.data.batch_size * self.dims.dp * cfg.train.grad_accum
-        dataset = build_dataset(cfg.data, cfg.train.seed, num_samples=cfg.train.steps * global_batch,
-                                vocab_size=cfg.model.vocab_size)
+        dataset = build_dataset(cfg.data, cfg.train.seed, vocab_size=cfg.model.vocab_size)
         self.loader = Loader(dataset, cfg.data.batch_size, self.dims.dp_rank, self.dims.dp, cfg.train.seed)
         self.step = 0
         self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
