@@ -8,6 +8,7 @@ packed call (what full_attn takes for unequal lengths).
     PYTHONPATH=. python scripts/bench_full_attn.py
 """
 
+import argparse
 import os
 import random
 import sys
@@ -86,6 +87,9 @@ def random_lengths(calls=4):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_full_attn: needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, Hq={HQ} Hkv={HKV} D={DIM} bf16")
     equal_lengths()
     random_lengths()

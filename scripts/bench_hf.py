@@ -41,7 +41,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--budget-s", type=float, default=150.0, help="skip the remaining runs after this long")
     p.add_argument("--out", default=None, help="JSON results file")
-    p.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script with tiny sizes")
+    p.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script with tiny sizes, e.g. "
+                   "--lengths 512 --layers 1 --heads 4 --kv-heads 2 --head-dim 16 --ffn 64 --vocab 100 "
+                   "--decode-steps 2 --moba 128:2")
     return p.parse_args()
 
 

@@ -139,9 +139,10 @@ def main() -> None:
         dist.init_process_group("gloo")
     world = dist.get_world_size()
     shape = SMALL if args.small else LLAMA_1B
-    if args.small and (args.seq_cp1, args.seq_cp) == (131072, 262144):  # default lengths -> 16K / 16K x N
-        args.seq_cp1, args.seq_cp = 16384, 16384 * world
-        args.block_size = min(args.block_size, 1024)
+    if args.small and (args.seq_cp1, args.seq_cp) == (131072, 262144):  # default lengths -> 16K (CPU: 2K) x 1, N
+        base = 2048 if device.type == "cpu" else 16384
+        args.seq_cp1, args.seq_cp = base, base * world
+        args.block_size = min(args.block_size, base // 8)
     model_cfg = ModelConfig(**shape, max_seq_len=max(args.seq_cp1, args.seq_cp))
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Llama(model_cfg, AttentionConfig()).parameters())

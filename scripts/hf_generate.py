@@ -1,4 +1,4 @@
-"""Generate with a local Hugging Face causal LM using MoBA attention (or sdpa), timing prefill and decode.
+r"""Generate with a local Hugging Face causal LM using MoBA attention (or sdpa), timing prefill and decode.
 
     PYTHONPATH=$PWD python scripts/hf_generate.py --model /path/to/llama --attn moba --max-new-tokens 64 \
         --prompt-tokens 32768 --block-size 4096 --top-k 12

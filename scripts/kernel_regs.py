@@ -43,7 +43,9 @@ def report(kernel, types: dict, consts: dict, num_warps: int, num_stages: int,
         done = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.o")],
                               capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"error: ptxas of triton {triton.__version__} failed: {done.stderr.strip()[:300]}")
+            raise SystemExit(f"error: ptxas of triton {triton.__version__} failed: {done.stderr.strip()[:300]} (run "
+                             "it with the GPU machine's Triton, e.g. triton==3.6.0 installed with pip --target "
+                             "/tmp/t36, /tmp/t36 first on PYTHONPATH)")
         if sass:
             listing = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass",
                                       os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)

@@ -10,8 +10,8 @@ files (a NUL byte near the start, or .parquet/.arrow/.bin/.idx/.zst/.bz2/.xz/.zi
 that is not UTF-8 (naming the file and line). Every document is tokenized without special tokens and ends with
 the tokenizer's end-of-document token; empty documents are skipped. Writing uses megatron-core's
 IndexedDatasetBuilder, so Megatron-LM reads the result too. `<prefix>.json` records the tokenizer (training
-checks it against `data.tokenizer`). Outputs appear only when complete (written under temporary names, then
-renamed).
+checks it against `data.megatron.tokenizer`). Outputs appear only when complete (written under temporary names,
+then renamed).
 """
 
 import argparse
@@ -173,7 +173,7 @@ def prepare(inputs: list[str], output_prefix: str, tokenizer: str = "byte", json
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="JSONL / text files or directories")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, <prefix>.idx, <prefix>.json")
     parser.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer dir / tokenizer.json")
