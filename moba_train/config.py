@@ -51,7 +51,7 @@ def refuse_bad_out_dir(argv: list[str]) -> None:
     """Hydra creates `train.out_dir` (hydra.run.dir) before the run starts: a command-line value that is a file, or
     lies under one, would end in a traceback there. One `error:` line instead (exit 2)."""
     for arg in argv:
-        if arg.startswith("train.out_dir="):
+        if arg.lstrip("+").startswith("train.out_dir="):
             path = os.path.abspath(arg.split("=", 1)[1])
             while not os.path.exists(path):
                 path = os.path.dirname(path)
@@ -72,9 +72,12 @@ def to_config(cfg: DictConfig | Config) -> Config:
     else:
         cfg = cfg.copy()
         raw = OmegaConf.to_container(cfg.model, resolve=False)
-        explicit = [key for key, value in raw.items() if value != UNSET]
-        for key in raw.keys() - set(explicit):
+        unset = [key for key, value in raw.items() if value == UNSET]
+        for key in unset:
             cfg.model[key] = getattr(ModelConfig(), key)
+        # model=from_init leaves keys UNSET: the others are the run's; without it (no key UNSET) the schema
+        # defaults fill what no config set, so the values that differ from them override the checkpoint's
+        explicit = [key for key in raw if key not in unset] if unset else None
         config = OmegaConf.to_object(cfg)
     if config.model.init_from:  # the architecture of the checkpoint, with the run's model.* overrides
         from moba_train.model.pretrained import resolve_model_config

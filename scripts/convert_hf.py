@@ -114,7 +114,9 @@ def model_config_from_run(config_path: str):
     unknown = sorted(set(model) - known)
     if unknown:
         raise UserError(f"{config_path}: unknown model keys {unknown}")
-    return ModelConfig(**{key: value for key, value in model.items() if value != UNSET})  # left to the checkpoint
+    # keys a from_init run left to its checkpoint: the schema defaults here (a checkpoint's own config.yaml, or
+    # the run's model_config.json, has them all)
+    return ModelConfig(**{key: value for key, value in model.items() if value != UNSET})
 
 
 def load_ours(path: str, dtype, config_path):

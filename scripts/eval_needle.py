@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         steps_done = checkpoint_step(checkpoint) if is_dcp_dir(checkpoint) else cfg.train.steps
         kinds = AttentionSchedule(cfg.attention, cfg.model.n_layers, cfg.train.steps).kinds_saved_at(steps_done)
         attn = dataclasses.replace(cfg.attention, top_k=top_k, layers=kinds, schedule=[])
-        model = init_model(dataclasses.replace(cfg.model, init_from=checkpoint), attn, args.device).eval()
+        model = init_model(dataclasses.replace(cfg.model, init_from=checkpoint), attn, args.device, resolved=True)
+        model.eval()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

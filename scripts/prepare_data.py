@@ -1,4 +1,4 @@
-"""Tokenize text into a Megatron indexed dataset (`<prefix>.bin` + `<prefix>.idx`) for `data=megatron`.
+r"""Tokenize text into a Megatron indexed dataset (`<prefix>.bin` + `<prefix>.idx`) for `data=megatron`.
 
     python scripts/prepare_data.py --input corpus.jsonl more/*.txt --output-prefix data/corpus \
         [--tokenizer byte | /path/to/hf_tokenizer_dir] [--json-key text] [--workers 4]

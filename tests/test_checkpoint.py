@@ -407,6 +407,25 @@ def test_megatron_stream_does_not_depend_on_train_steps(tmp_path):
         assert torch.equal(first, second)
 
 
+def test_resume_of_a_checkpoint_from_before_the_one_pass_index_warns(tmp_path, caplog):
+    """Checkpoints of megatron runs written before the sample index covered one pass carry no data_index fact:
+    their resumed stream differs, which is said."""
+    Trainer(config(tmp_path, "checkpoint.interval=1", "train.steps=1")).train()
+    state_file = tmp_path / "checkpoints" / "step_00000001" / "train_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    run = json.loads(state["run"])
+    assert run.pop("data_index") == "one pass"
+    state["run"] = json.dumps(run)
+    torch.save(state, state_file)
+    manifest_file = state_file.parent / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["train_state.pt"] = state_file.stat().st_size
+    manifest_file.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        Trainer(config(tmp_path, "train.steps=2"))
+    assert "data_index='one pass', saved with None: megatron data comes from another sample index" in caplog.text
+
+
 def test_finished_run_launched_again_says_so(tmp_path, caplog):
     """Launching a finished run again (e.g. with changed attention) trained nothing and said nothing: it now says
     why, and a resume with other attention settings is named as such."""

@@ -164,6 +164,19 @@ def test_blend_weights(tmp_path):
 
 
 
+def test_blend_pass_counts_the_train_parts_only(tmp_path):
+    """A blend's one pass holds as many samples as its prefixes' train parts (it counted every split, so with
+    split 50,50,0 each sample came twice per pass)."""
+    prefixes = []
+    for seed in (21, 22):
+        prefixes.append(str(tmp_path / f"p{seed}"))
+        prepare_data.prepare([write_corpus(str(tmp_path), n=60, seed=seed)[0]], prefixes[-1], workers=1,
+                             progress=False)
+    alone = sum(len(build_dataset(cfg_for(p, seq_len=16, split="50,50,0"), seed=0)) for p in prefixes)
+    blend = len(build_dataset(cfg_for(f"0.5 {prefixes[0]} 0.5 {prefixes[1]}", seq_len=16, split="50,50,0"), seed=0))
+    assert abs(blend - alone) <= 0.1 * alone, (blend, alone)
+
+
 def test_split_must_leave_training_documents(corpus, tmp_path):
     """A split whose train part rounds to no documents used to hang in megatron-core's epoch count; a damaged
     index cache gave a bare ValueError."""
@@ -267,6 +280,6 @@ def test_data_without_a_tokenizer_record_is_checked_on_its_tokens(tmp_path, capl
     docs[3][150] = 300
     late = build("late", docs)
     ds = build_dataset(cfg_for(late, seq_len=64), seed=0)
-    with pytest.raises(UserError, match=r"sample \d+ holds token id 300, but data.megatron.tokenizer='byte' has 260"):
+    with pytest.raises(UserError, match=r"sample \d+ holds token ids 1..300, but data.megatron.tokenizer='byte' has 260"):
         for i in range(len(ds)):
             ds[i]

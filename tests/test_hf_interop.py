@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from moba_train.errors import UserError  # noqa: E402
-from moba_train.model import AttentionConfig  # noqa: E402
+from moba_train.model import AttentionConfig, ModelConfig  # noqa: E402
 from moba_train.model.hf import CheckpointError, config_from_hf, from_hf, to_hf  # noqa: E402
 from moba_train.model.pretrained import load_pretrained, save_consolidated  # noqa: E402
 
@@ -229,7 +229,11 @@ def test_explicit_model_values_override_the_checkpoint_even_at_schema_defaults(t
     cfg = load("model.rope_theta=10000.0", "model.rope_scaling=null", "model.max_seq_len=8192")
     assert (cfg.model.rope_theta, cfg.model.rope_scaling, cfg.model.max_seq_len, cfg.model.dim) == (10000.0, None,
                                                                                                    8192, 64)
-    model = init_model(cfg.model, FULL, "cpu")
+    model = init_model(cfg.model, FULL, "cpu", resolved=True)
     assert (model.cfg.rope_theta, model.cfg.rope_scaling) == (10000.0, None)
+    # the Python API (a bare ModelConfig): the values that differ from the schema defaults override, so these
+    # defaults leave the checkpoint's
+    api = init_model(ModelConfig(init_from=path), FULL, "cpu")
+    assert (api.cfg.rope_theta, api.cfg.rope_scaling["rope_type"]) == (500000.0, "llama3")
     with pytest.raises(UserError, match="the checkpoint has dim=64 but the config sets model.dim=256"):
         load("model.dim=256")

@@ -40,9 +40,11 @@ def test_bad_input_is_one_clear_line(tmp_path):
 def test_out_dir_that_is_a_file_is_one_line(tmp_path):
     """Hydra makes train.out_dir before the run starts: a file there (or above it) was a FileExistsError traceback."""
     (tmp_path / "afile").write_text("")
-    for script, out in (("launch/pretrain.py", "afile"), ("launch/sft.py", "afile/sub")):
-        run = launch(*SMALL, f"train.out_dir={tmp_path / out}", script=script)
-        assert run.returncode == 2 and run.stderr.strip() == (f"error: train.out_dir={tmp_path / out}: "
+    for script, key, out in (("launch/pretrain.py", "train.out_dir", "afile"),
+                             ("launch/sft.py", "train.out_dir", "afile/sub"),
+                             ("launch/pretrain.py", "++train.out_dir", "afile")):
+        run = launch(*SMALL, f"{key}={tmp_path / out}", script=script)
+        assert run.returncode == 2 and run.stderr.strip() == (f"error: {key}={tmp_path / out}: "
                                                               f"{tmp_path / 'afile'} is a file, not a directory")
 
 

@@ -69,9 +69,10 @@ def parse_blend(path: str) -> tuple[list[str], Optional[list[float]]]:
     return parts[1::2], weights
 
 
-def check_split(split: str, prefixes: list[str], documents: list[int]) -> None:
+def check_split(split: str, prefixes: list[str], documents: list[int]) -> float:
     """data.megatron.split must leave every prefix's train part at least one document: megatron-core rounds each
-    part to whole documents, and with none in the train part its sample index loops forever."""
+    part to whole documents, and with none in the train part its sample index loops forever. Returns the train
+    part's share."""
     try:
         parts = [float(x) for x in split.split(",")]
     except ValueError:
@@ -83,6 +84,7 @@ def check_split(split: str, prefixes: list[str], documents: list[int]) -> None:
         if int(round(share * n)) < 1:
             raise UserError(f"data.megatron.split={split!r} leaves {prefix} no training documents (train share "
                             f"{share:.3g} of its {n}); give the train part a larger weight")
+    return share
 
 
 def _is_number(text: str) -> bool:
@@ -227,7 +229,7 @@ class MegatronData:
         sizes = [check_indexed(prefix) for prefix in prefixes]  # (documents, tokens, dtype)
         for prefix, (_, tokens, dtype) in zip(prefixes, sizes):
             check_sidecar(prefix, self.tokenizer, tokens, dtype)
-        check_split(mcfg.split, prefixes, [docs for docs, _, _ in sizes])
+        train_share = check_split(mcfg.split, prefixes, [docs for docs, _, _ in sizes])
         total = sum(tokens for _, tokens, _ in sizes)
         if total <= cfg.seq_len:
             log.warning("data.path=%r holds %d tokens, fewer than one sample of data.seq_len=%d: every sample "
@@ -254,8 +256,8 @@ class MegatronData:
             reset_attention_mask=False, eod_mask_loss=mcfg.eod_mask_loss, create_attention_mask=False,
             mid_level_dataset_surplus=mcfg.mid_level_surplus)
         try:
-            # one pass (None: one epoch of the train split); a blend as many samples as its parts hold together
-            sizes = [None, None, None] if weights is None else [max(1, total // cfg.seq_len), 0, 0]
+            # one pass (None: one epoch of the train split); a blend as many samples as its train parts hold
+            sizes = [None, None, None] if weights is None else [max(1, int(total * train_share) // cfg.seq_len), 0, 0]
             with _rank_zero_without_process_group():
                 train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
         except OSError as e:
@@ -280,9 +282,9 @@ class MegatronData:
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.dataset[index]
         ids, labels = sample["tokens"].long(), sample["labels"].long().clone()
-        if int(ids.max()) >= self.tokenizer.vocab_size:  # past the sampled check at start: the embedding's bound
-            raise UserError(f"data.path sample {index} holds token id {int(ids.max())}, but data.megatron.tokenizer="
-                            f"{self.tokenizer.name!r} has {self.tokenizer.vocab_size} tokens")
+        if int(ids.max()) >= self.tokenizer.vocab_size or int(ids.min()) < 0:  # what the start-up sample missed
+            raise UserError(f"data.path sample {index} holds token ids {int(ids.min())}..{int(ids.max())}, but "
+                            f"data.megatron.tokenizer={self.tokenizer.name!r} has {self.tokenizer.vocab_size} tokens")
         labels[sample["loss_mask"] == 0] = IGNORE_INDEX
         out = {"input_ids": ids, "labels": labels}
         if self.reset_at_eod:

@@ -243,14 +243,16 @@ def resolve_model_config(model_cfg: ModelConfig, explicit: Optional[Collection[s
     return dataclasses.replace(ckpt_cfg, **overrides, init_from=os.path.abspath(path))
 
 
-def init_model(model_cfg: ModelConfig, attn_cfg: AttentionConfig, device: Union[str, torch.device]) -> Llama:
+def init_model(model_cfg: ModelConfig, attn_cfg: AttentionConfig, device: Union[str, torch.device],
+               resolved: bool = False) -> Llama:
     """The model a run starts from: random (no `init_from`), or loaded from `model.init_from` (HF dir,
-    consolidated moba-train dir, trainer DCP checkpoint or run dir). `model_cfg` is resolved (`to_config`): its
-    non-shape values are the run's, its shape is checked against the checkpoint's."""
+    consolidated moba-train dir, trainer DCP checkpoint or run dir). `resolved`: `model_cfg` comes from `to_config`
+    (or `resolve_model_config`), so its non-shape values are the run's, even those equal to the schema defaults;
+    otherwise the values that differ from the defaults override the checkpoint's."""
     if not model_cfg.init_from:
         with torch.device(device):
             return Llama(model_cfg, attn_cfg)
-    cfg = resolve_model_config(model_cfg, RUN_FIELDS)
+    cfg = resolve_model_config(model_cfg, RUN_FIELDS if resolved else None)
     if is_dcp_dir(cfg.init_from):
         from moba_train.model.dcp_import import load_dcp_model
 

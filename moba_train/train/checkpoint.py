@@ -60,6 +60,11 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 RUN_CONFIG = "config.yaml"  # in each checkpoint: the config it was trained with
 FULL_DISK_BYTES = 64 * 2**20  # free space below which a failed save is put down to a full disk
+RESUME_EFFECTS = {  # what a run fact that differs from the checkpoint's means for the resumed run
+    "attention": "the layers go on with other attention",
+    "data_index": "megatron data comes from another sample index than the saved run's (checkpoints written before "
+                  "the index covered one pass): the resumed stream differs, samples may repeat or be skipped"}
+RECORDED_SINCE = {"data_index"}  # facts whose absence from a checkpoint is itself a difference
 ABANDONED_PREFIX = ".abandoned-"
 FAULT_ENV = "MOBA_TRAIN_CKPT_FAULT"
 
@@ -454,8 +459,7 @@ class Checkpointer:
             raise CheckpointError(f"{err}; to resume from the previous one: checkpoint.resume={older[-1]}") from None
         self._abandon_newer(trainer.step, out_dir)
         for key, value in (run_info or {}).items():
-            if key in saved and saved[key] != value:
-                effect = ("the layers go on with other attention" if key == "attention" else
-                          "sample order or schedule may differ from the saved run")
-                log.warning("resuming with %s=%r, saved with %r: %s", key, value, saved[key], effect)
+            if (key in saved or key in RECORDED_SINCE) and saved.get(key) != value:
+                log.warning("resuming with %s=%r, saved with %r: %s", key, value, saved.get(key),
+                            RESUME_EFFECTS.get(key, "sample order or schedule may differ from the saved run"))
         return path

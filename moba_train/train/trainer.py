@@ -53,7 +53,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)
-        model = init_model(cfg.model, cfg.attention, self.device)  # random, or the weights of model.init_from
+        model = init_model(cfg.model, cfg.attention, self.device, resolved=True)  # random, or model.init_from's
         self.model = parallelize(model, cfg, self.dims)
         self.stages = TrainingStages(cfg, self.dims.is_main)  # attention.schedule, data.seq_len_schedule
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
@@ -64,6 +64,8 @@ class Trainer:
         self.step = 0
         self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
                          "seq_len": cfg.data.seq_len, "steps": cfg.train.steps, "attention": asdict(cfg.attention)}
+        if cfg.data.name == "megatron":  # the sample index covers one pass since this marker (a resume compares)
+            self.run_info["data_index"] = "one pass"
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
         if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info, cfg.model.init_from):
             apply_config(self.optimizer, self.scheduler, cfg.train)
