@@ -12,9 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from moba_train.config import refuse_bad_out_dir, register_configs, to_config  # noqa: E402
+from moba_train.config import one_line_errors, refuse_bad_out_dir, register_configs, to_config  # noqa: E402
 from moba_train.data.sft import check_sft_config  # noqa: E402
-from moba_train.errors import UserError  # noqa: E402
 
 register_configs()
 
@@ -23,13 +22,10 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from moba_train.train.trainer import Trainer
 
-    try:
+    with one_line_errors():
         config = to_config(cfg)
         check_sft_config(config)
         Trainer(config).train()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
