@@ -58,6 +58,18 @@ def test_hf_chat_template_mask(tmp_path):
     assert tpl.tok.decode(ids) == tpl.tok.apply_chat_template(CHAT, tokenize=False)
 
 
+def test_hf_mask_of_a_chat_that_starts_with_the_assistant(tmp_path):
+    """An assistant-first chat trained on everything before its reply too (BOS, the role header and any default
+    system prompt the template adds), since the first turn's prefix was taken as empty."""
+    template = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start|>system\nbe brief<|end|>\n"
+                "{% endif %}" + TEMPLATE.removeprefix("{{ bos_token }}"))
+    tpl = HFTemplate(make_tokenizer(tmp_path / "tok", template))
+    chat = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "what"},
+            {"role": "assistant", "content": "the answer"}]
+    ids, mask = tpl.encode(chat, "x")
+    assert tpl.tok.decode([i for i, m in zip(ids, mask) if m]) == "hello<|end|>\nthe answer<|end|>\n"
+
+
 def test_hf_mask_trains_a_reply_word_merged_with_the_prompts_space(tmp_path):
     """A generation prompt ending in a space ("assistant: "): byte-level BPE merges that space into the reply's
     first word, and a token starting inside the prompt must still be trained (it was masked, so the first word of

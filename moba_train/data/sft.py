@@ -116,6 +116,9 @@ class ByteTemplate:
         return ids, mask
 
 
+REPLY_PROBE = "<moba-train reply probe>"  # stands in for a first reply, to find where a reply starts
+
+
 class HFTemplate:
     """A local HF tokenizer and its chat template. Assistant spans come from rendering prefixes of the
     conversation: the text added by turn i after the generation prompt of turns < i (content + end of turn)."""
@@ -155,9 +158,13 @@ class HFTemplate:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], where, generation_prompt=True) if i else ""
+            if i:
+                before = self._render(messages[:i], where, generation_prompt=True)
+            else:  # no empty conversation renders: what precedes a placeholder reply (BOS, header, default system)
+                probe = self._render([{**m, "content": REPLY_PROBE}], where)
+                before = probe[:probe.find(REPLY_PROBE)] if REPLY_PROBE in probe else None
             after = self._render(messages[:i + 1], where)
-            if not (after.startswith(before) and text.startswith(after)):
+            if before is None or not (after.startswith(before) and text.startswith(after)):
                 raise SFTDataError(f"{where}: chat template of {self.path} does not render turn {i} as an "
                                    "extension of the earlier turns; cannot locate the assistant tokens")
             spans.append((len(before), len(after)))
