@@ -426,6 +426,22 @@ def test_resume_of_a_checkpoint_from_before_the_one_pass_index_warns(tmp_path, c
     assert "data_index='one pass', saved with None: megatron data comes from another sample index" in caplog.text
 
 
+def test_signal_during_a_save_stops_after_it(tmp_path, monkeypatch):
+    """A SIGINT that arrives while step 2 is being saved: the run stops once that save is done (it trained and
+    saved step 3 first, an extra step plus a save inside the scheduler's grace period)."""
+    write = ckpt.Checkpointer._write_small_files
+
+    def signalled(self, trainer, tmp, run_info):
+        write(self, trainer, tmp, run_info)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "_write_small_files", signalled)
+    trainer = Trainer(config(tmp_path, "checkpoint.interval=2", "train.steps=10"))
+    trainer.train()
+    assert trainer.step == 2 and [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2]
+
+
 def test_finished_run_launched_again_says_so(tmp_path, caplog):
     """Launching a finished run again (e.g. with changed attention) trained nothing and said nothing: it now says
     why, and a resume with other attention settings is named as such."""

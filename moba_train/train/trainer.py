@@ -145,6 +145,7 @@ class Trainer:
                     saving = time.perf_counter()
                     self.checkpointer.save(self, self.run_info)
                     tick += time.perf_counter() - saving  # tokens_per_s times the training steps only
+                    stopping = stopping or stop.agreed()  # a signal during the save: that save covers this step
                 if stopping:
                     break
             self.checkpointer.wait()
