@@ -51,12 +51,16 @@ def register_configs() -> None:
 @contextmanager
 def one_line_errors():
     """Inside a launcher's Hydra main (Hydra itself reports what escapes it with a traceback): a UserError is one
-    `error:` line and exit 2."""
+    `error:` line and exit 2; Ctrl-C where no checkpoint is due (setup, or a second signal that stops at once) one
+    line and the shell's 130."""
     try:
         yield
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT): stopped without saving", file=sys.stderr)
+        sys.exit(130)
 
 
 def refuse_bad_out_dir(argv: list[str]) -> None:

@@ -280,6 +280,7 @@ def test_data_without_a_tokenizer_record_is_checked_on_its_tokens(tmp_path, capl
     docs[3][150] = 300
     late = build("late", docs)
     ds = build_dataset(cfg_for(late, seq_len=64), seed=0)
-    with pytest.raises(UserError, match=r"sample \d+ holds token ids 1..300, but data.megatron.tokenizer='byte' has 260"):
+    with pytest.raises(UserError, match=r"sample \d+ holds token ids 1..300, but data.megatron.tokenizer='byte' "
+                                        r"has 260"):
         for i in range(len(ds)):
             ds[i]

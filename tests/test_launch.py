@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["+exp=tiny", "data.seq_len=256", "data.batch_size=2", "data.num_needles=4", "attention.block_size=32",
          "attention.top_k=2", "train.device=cpu"]
@@ -59,3 +61,18 @@ def test_wandb_offline_logs_without_network(tmp_path):
     offline = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(offline) == 1
     assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / offline[0]))
+
+
+def test_launchers_report_errors_and_interrupts_in_one_line(capsys):
+    """What a launcher's main raises: a UserError is `error: ...` and exit 2; Ctrl-C before training (setup:
+    tokenizing, index building), where no checkpoint is due, was a KeyboardInterrupt traceback."""
+    from moba_train.config import one_line_errors
+    from moba_train.errors import ConfigError
+
+    bad = "attention.top_k=0 must be >= 1"
+    for raised, code, line in ((ConfigError(bad), 2, f"error: {bad}"),
+                               (KeyboardInterrupt(), 130, "interrupted (SIGINT): stopped without saving")):
+        with pytest.raises(SystemExit) as exit_info:
+            with one_line_errors():
+                raise raised
+        assert exit_info.value.code == code and capsys.readouterr().err == line + "\n"
