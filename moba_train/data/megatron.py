@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron-core's DType codes
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
-SAMPLE_CHUNKS, SAMPLE_CHUNK_TOKENS = 16, 1 << 20  # tokens read to check a dataset that names no tokenizer
+SAMPLE_CHUNKS, SAMPLE_CHUNK_TOKENS = 16, 1 << 16  # tokens read to check a dataset that names no tokenizer (2-4 MB)
 
 
 class DatasetFileError(UserError):
