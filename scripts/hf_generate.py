@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"cannot load {path} with attn_implementation={args.attn!r}: {err}")
 
     if args.attn != "sdpa":  # config keys win over registered settings: set them to the effective ones
-        for flag in MOBA_DEFAULTS:
+        for flag in (*MOBA_DEFAULTS, "backend", "full_decode"):
             setattr(model.config, f"moba_{flag}", getattr(args, flag))
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     if args.attn != "sdpa" and not attention:

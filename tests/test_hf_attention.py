@@ -72,7 +72,22 @@ def test_naive_name_and_config_override():
     torch.testing.assert_close(hf(x).logits, ref, **TOL)
     hf.config.moba_block_size, hf.config.moba_top_k = 8, 2  # per-model settings travel in the config
     ref = our_model(hf, AttentionConfig(block_size=8, top_k=2, backend="naive"))(x)
-    torch.testing.assert_close(hf(x).logits, ref, **TOL)
+    with pytest.warns(UserWarning, match=r"config sets \{'block_size': 8\}, which take precedence over "
+                                         r"register_moba's \{'block_size': 4\}"):
+        torch.testing.assert_close(hf(x).logits, ref, **TOL)
+
+
+@torch.no_grad()
+def test_cached_decode_of_packed_rows_is_refused():
+    """position_ids that restart inside a row split the prefill into documents, but decoding takes each row's cache
+    as one document: the continued tokens routed and attended across the restart (logits off by ~4) silently."""
+    hf = hf_model("moba")
+    x = ids(1, 23)
+    pos = torch.cat([torch.arange(10), torch.arange(13)])[None]
+    cache = DynamicCache(config=hf.config)
+    hf(x[:, :22], position_ids=pos[:, :22], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="cached decoding of packed sequences"):
+        hf(x[:, 22:], position_ids=pos[:, 22:], past_key_values=cache, use_cache=True)
 
 
 @torch.no_grad()

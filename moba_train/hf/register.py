@@ -9,8 +9,10 @@ A model config may override the registered settings with attributes `moba_block_
 `moba_backend`, `moba_full_attn_last_k`, `moba_full_decode` (they travel in config.json).
 """
 
+import warnings
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
 
@@ -41,11 +43,16 @@ _settings: dict[str, MobaSettings] = {}
 
 
 def settings_for(module, name: str) -> MobaSettings:
-    """Registered settings of `name`, overridden by `moba_*` attributes of the module's config."""
+    """Registered settings of `name`, overridden by `moba_*` attributes of the module's config (what a checkpoint
+    was trained with: `convert_hf.py ours-to-hf` writes them); an override of a different registered value warns."""
     base = _settings[name]
     config = getattr(module, "config", None)
     overrides = {field: getattr(config, f"moba_{field}") for field in base.__dataclass_fields__
                  if getattr(config, f"moba_{field}", None) is not None}
+    differ = {k: v for k, v in overrides.items() if v != getattr(base, k)}
+    if differ:  # Python's warning filter shows each message once
+        warnings.warn(f"moba: the model's config sets {differ}, which take precedence over register_moba's "
+                      f"{ {k: getattr(base, k) for k in differ} } (set model.config.moba_<key> to change them)")
     if name == "moba_naive":
         overrides["backend"] = "naive"
     return replace(base, **overrides) if overrides else base
@@ -106,9 +113,23 @@ def moba_attention(name: str, module, query: Tensor, key: Tensor, value: Tensor,
         out = prefill(query, key, value, mask, kwargs.get("position_ids"), settings.block_size, settings.top_k,
                       settings.backend, scale, full)
         return out, None
+    if getattr(module, "layer_idx", 0) == 0:  # once per forward: a host read
+        refuse_packed_cache(kwargs.get("position_ids"), mask, key.shape[2] - query.shape[2])
     out = decode(module, query, key, value, mask, settings.block_size, settings.top_k, scale,
                  full or settings.full_decode)
     return out.transpose(1, 2), None
+
+
+def refuse_packed_cache(position_ids: Tensor | None, mask: Tensor | None, cached: int) -> None:
+    """Decoding treats each row's cache as one document; a row whose positions restarted (packed documents, which
+    prefill splits at position 0) would route and attend across the restart. Its first new token's position is
+    then below the count of real cached tokens."""
+    if position_ids is None or position_ids.dim() != 2:
+        return
+    real = mask[:, :cached].sum(1) if mask is not None else torch.full_like(position_ids[:, 0], cached)
+    if bool((position_ids[:, 0].to(real.device) < real).any()):
+        raise ValueError("moba: cached decoding of packed sequences (position_ids restarting at 0 inside a row) is "
+                         "not supported; decode each document in a row of its own")
 
 
 def _moba(module, query, key, value, attention_mask, **kwargs):
