@@ -43,6 +43,9 @@ def test_torchrun_cp2_logs_the_losses_of_one_process(tmp_path):
         for a, b in zip(records, want):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (mode, a, b)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (mode, a, b)
+        # allgather does cp x the MoBA work where ulysses would fit the heads: said once, by rank 0
+        assert (got.stderr + got.stdout).count("parallel.cp_mode=allgather runs the MoBA kernels") == \
+            (mode == "allgather")
 
 
 def test_world_size_not_matching_the_layout_fails_before_any_work(tmp_path):
