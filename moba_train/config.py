@@ -88,9 +88,9 @@ def to_config(cfg: DictConfig | Config) -> Config:
     else:
         cfg = cfg.copy()
         raw = OmegaConf.to_container(cfg.model, resolve=False)
-        unset = [key for key, value in raw.items() if value == UNSET]
+        unset, default = [key for key, value in raw.items() if value == UNSET], ModelConfig()
         for key in unset:
-            cfg.model[key] = getattr(ModelConfig(), key)
+            cfg.model[key] = getattr(default, key)
         # model=from_init leaves keys UNSET: the others are the run's; without it (no key UNSET) the schema
         # defaults fill what no config set, so the values that differ from them override the checkpoint's
         explicit = [key for key in raw if key not in unset] if unset else None

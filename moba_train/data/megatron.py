@@ -257,9 +257,9 @@ class MegatronData:
             mid_level_dataset_surplus=mcfg.mid_level_surplus)
         try:
             # one pass (None: one epoch of the train split); a blend as many samples as its train parts hold
-            sizes = [None, None, None] if weights is None else [max(1, int(total * train_share) // cfg.seq_len), 0, 0]
+            samples = [None, None, None] if weights is None else [max(1, int(total * train_share) // cfg.seq_len), 0, 0]
             with _rank_zero_without_process_group():
-                train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+                train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, samples, lambda: True, config).build()
         except OSError as e:
             raise DatasetFileError(f"{getattr(e, 'filename', None) or cache}: cannot build the sample index "
                                    f"({e.strerror or e}); set data.megatron.cache_dir to a writable directory") from None

@@ -161,10 +161,10 @@ def _causes(err: BaseException) -> list[BaseException]:
     return out
 
 
-def _save_failure(err: BaseException, root: str) -> str:
-    """The cause of a failed save in a few words: the first OS error among `_causes`; else a full disk
+def _save_failure(err: BaseException, causes: list[BaseException], root: str) -> str:
+    """The cause of a failed save in a few words: the first OS error among its `_causes`; else a full disk
     (torch.save reports one as a zip-writer position mismatch); else the error's last line."""
-    for e in _causes(err):
+    for e in causes:
         if isinstance(e, OSError) and e.strerror:
             return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
     free = shutil.disk_usage(root).free
@@ -305,11 +305,13 @@ class Checkpointer:
             yield
         except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's is a BaseException; torch.save and
             # DCP raise several types for the same I/O failure)
-            if any(not isinstance(e, (Exception, CheckpointException)) for e in _causes(err)):
+            causes = _causes(err)
+            if any(not isinstance(e, (Exception, CheckpointException)) for e in causes):
                 raise  # an interrupt inside DCP's writer stays one, as the same interrupt elsewhere in the save
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{tmp}: saving step {step} failed: {_save_failure(err, self.root)}") from None
+            raise CheckpointError(f"{tmp}: saving step {step} failed: {_save_failure(err, causes, self.root)}") \
+                from None
 
     def _write_small_files(self, trainer, tmp: str, run_info: Optional[dict]) -> None:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))

@@ -1,5 +1,6 @@
 """What the trainer asks each step of staged training: which attention each layer uses (attention.schedule)
-and how long the sequences are (data.seq_len_schedule). Changes are logged with the step they start at."""
+and how long the sequences are (data.seq_len_schedule). Changes are logged with the step they start at, and an
+attention setup that costs more than it need (MoBA nearly dense, allgather CP over MoBA layers) is warned about."""
 
 import logging
 
@@ -26,6 +27,11 @@ class TrainingStages:
         self.block_size, self.top_k = cfg.attention.block_size, cfg.attention.top_k
         self.is_main = is_main
         self._seq_len = None  # None until the first step
+        cp, moba = cfg.parallel.cp, any("moba" in kinds for _, kinds in self.attention.stages)
+        if is_main and cp > 1 and cfg.parallel.cp_mode == "allgather" and moba and cfg.model.n_kv_heads % cp == 0:
+            log.warning("parallel.cp_mode=allgather runs the MoBA kernels over the whole sequence's queries on every "
+                        "rank (%dx the sparse attention work, see parallel/offset_attn.py); parallel.cp_mode=ulysses "
+                        "splits the heads over the ranks instead and does that work once", cp)
 
     def begin_step(self, model: nn.Module, step: int) -> None:
         """Call before training step `step` (0-based), also the first one after a resume."""

@@ -56,13 +56,6 @@ class Trainer:
         model = init_model(cfg.model, cfg.attention, self.device, resolved=True)  # random, or model.init_from's
         self.model = parallelize(model, cfg, self.dims)
         self.stages = TrainingStages(cfg, self.dims.is_main)  # attention.schedule, data.seq_len_schedule
-        cp = cfg.parallel.cp
-        kinds = {cfg.attention.kind, *(cfg.attention.layers or []), *(s.get("kind") for s in cfg.attention.schedule)}
-        ulysses_fits = cfg.model.n_kv_heads % cp == 0
-        if self.dims.is_main and cp > 1 and cfg.parallel.cp_mode == "allgather" and "moba" in kinds and ulysses_fits:
-            log.warning("parallel.cp_mode=allgather runs the MoBA kernels over the whole sequence's queries on every "
-                        "rank (%dx the sparse attention work, see parallel/offset_attn.py); parallel.cp_mode=ulysses "
-                        "splits the heads over the ranks instead and does that work once", cp)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         global_batch = cfg.data.batch_size * self.dims.dp * cfg.train.grad_accum
