@@ -6,6 +6,7 @@ and it must stay switched on while they run, so the cases run in one child proce
 cases are skipped; tests/gpu/ covers the backends there at real sizes.
 """
 
+import contextlib
 import json
 
 import pytest
@@ -336,13 +337,27 @@ def test_triton_matches_naive(interpreted, case):
         assert res[name] < FP32_TOL, (name, res)
 
 
-def test_fused_gate_breaks_ties_to_the_lower_block(interpreted):
-    assert interpreted["ties"] == {"2": [[[1, 3]] * 4], "3": [[[1, 2, 3]] * 4]}
+@pytest.mark.parametrize("merge", ["rounds", "lanes"])
+def test_fused_gate_breaks_ties_to_the_lower_block(interpreted, merge):
+    ties = interpreted["ties"] if merge == "rounds" else interpreted["lanes"]["ties"]
+    assert ties == {"2": [[[1, 3]] * 4], "3": [[[1, 2, 3]] * 4]}
 
 
-def test_fused_gate_evicts_the_higher_of_tied_blocks(interpreted):
-    fused, reference = interpreted["tied_then_better"]
+@pytest.mark.parametrize("merge", ["rounds", "lanes"])
+def test_fused_gate_evicts_the_higher_of_tied_blocks(interpreted, merge):
+    fused, reference = (interpreted if merge == "rounds" else interpreted["lanes"])["tied_then_better"]
     assert fused == reference == [0, 33, 39]
+
+
+def test_lane_gate_matches_the_reference(interpreted):
+    assert interpreted["lane_selections"] == [True] * 5
+
+
+def test_layout_counts_the_longest_documents_blocks():
+    from moba_train.ops.fused.layout import build_layout
+
+    layout = build_layout(torch.tensor([0, 90, 90, 390, 400], dtype=torch.int32), 64, 16, "cpu")
+    assert (layout.max_doc_blocks, layout.n_blocks) == (5, 8)
 
 
 def test_triton_refuses_double_backward(interpreted):
@@ -448,6 +463,41 @@ def test_varlen_needs_cuda():
         moba_attn(q, q, q, torch.tensor([0, 8], dtype=torch.int32), 8, 4, 2, backend="varlen")
 
 
+@contextlib.contextmanager
+def lanes(block_b=4):
+    """The gate's lane-wise top-k (top_k <= 3) at any size, in chunks of block_b means (many chunks per row)."""
+    from moba_train.ops.fused import gate
+
+    picked = gate.gate_config
+    gate.gate_config = lambda top_k, blocks: ({"BLOCK_B": block_b, "num_warps": 4, "DEPTH": top_k - 1} if top_k <= 3
+                                              else picked(top_k, blocks))
+    try:
+        yield
+    finally:
+        gate.gate_config = picked
+
+
+def lane_selections() -> list:
+    """Lane-wise fused selections equal to the reference gate's: packed documents, short last blocks, GQA,
+    top_k 2 and 3 (and 1, no lanes), random scores and small integers (exact ties across lanes and chunks)."""
+    from moba_train.ops.fused import moba_select
+    from moba_train.ops.gate import moba_select as reference_select
+
+    equal = []
+    for seed, (lengths, hq, hkv, block_size, top_k, ties) in enumerate([
+            ((150, 97), 2, 1, 4, 3, False), ((181,), 4, 2, 8, 2, False), ((130, 45), 2, 2, 4, 3, True),
+            ((160,), 2, 1, 4, 2, True), ((40, 70), 2, 1, 4, 1, False)]):
+        gen = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(sum(lengths), hq, 16, generator=gen), torch.randn(sum(lengths), hkv, 16, generator=gen)
+        if ties:
+            q, k = q.round(), (k / 2).round()
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        with lanes():
+            got = moba_select(q, k, cu, max(lengths), block_size, top_k)
+        equal.append(bool(torch.equal(got, reference_select(q, k, cu, max(lengths), block_size, top_k))))
+    return equal
+
+
 def means_parts() -> dict:
     from moba_train.ops.fused.layout import build_layout
     from moba_train.ops.fused.means import block_means
@@ -459,8 +509,10 @@ def means_parts() -> dict:
 
 
 if __name__ == "__main__":  # the child process: every result as one JSON object on the last line
+    with lanes():
+        lane_ties = {"ties": tie_picks(), "tied_then_better": tied_then_better()}
     print(json.dumps({"cases": [run_case(*case, seed=i) for i, case in enumerate(CASES)], "ties": tie_picks(),
-                      "tied_then_better": tied_then_better(), "means_parts": means_parts(), "fp16_state": fp16_state(),
+                      "tied_then_better": tied_then_better(), "lanes": lane_ties, "lane_selections": lane_selections(), "means_parts": means_parts(), "fp16_state": fp16_state(),
                       "state_range": state_range(), "gpu_tiles": gpu_tiles(), "zero_rows": zero_rows_case(),
                       "double_backward_refused": double_backward_refused(), "routes": routes_case(),
                       "int_like": int_like_args()}))

@@ -228,6 +228,24 @@ def test_triton_is_deterministic(block_size, top_k):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_lane_gate_at_many_blocks(top_k, dtype):
+    """Documents of >= 128 blocks take the lane-wise top-k: the same selections as the round-by-round merge over
+    the same scores, and the reference's wherever no near-tie flips under another fp32 summation order."""
+    from moba_train.ops.fused.gate import gate_config, select
+    from moba_train.ops.fused.layout import build_layout, query_tile
+
+    lengths, block_size = [40000, 24000, 1536], 128
+    q, k, _, cu = packed(lengths, 8, 2, 128, seed=5, dtype=dtype)
+    layout = build_layout(cu, block_size, query_tile(block_size, False), q.device)
+    assert gate_config(top_k, layout.max_doc_blocks)["DEPTH"] == top_k - 1
+    got = select(q, k, layout, top_k)
+    assert torch.equal(got, select(q, k, layout, top_k, {"BLOCK_B": 32, "num_warps": 4, "DEPTH": 0}))
+    same = (got == reference_select(q, k, cu, max(lengths), block_size, top_k)).all(-1)
+    assert (~same).float().mean() < 1e-4
+
+
 def test_128k_tokens():
     tokens, hq, hkv, dim, block_size, top_k = 128 * 1024, 8, 2, 128, 2048, 3
     q, k, v, cu = packed([tokens], hq, hkv, dim, seed=3)

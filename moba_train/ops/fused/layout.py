@@ -20,6 +20,7 @@ class Layout:
     block_size: int
     n_blocks: int       # blocks over the whole batch
     n_docs: int         # non-empty documents in the batch (each has a block 0)
+    max_doc_blocks: int  # blocks of the longest document
     blk_start: Tensor   # [B] int32 first token of each block
     blk_len: Tensor     # [B] int32 tokens in each block (the last of a document may be short)
     blk_local: Tensor   # [B] int32 index of the block within its document
@@ -75,7 +76,8 @@ def _layout(offsets: tuple, block_size: int, tile_m: int, device: torch.device) 
     tile_idx = torch.arange(len(tile_blk)) - (torch.cumsum(tiles_per_blk, 0) - tiles_per_blk)[tile_blk]
     q_tiles = torch.stack([blk_start[tile_blk] + tile_idx * tile_m, tile_blk], 1)
     dev = lambda x: x.to(device=device, dtype=torch.int32).contiguous()  # noqa: E731
-    return Layout(block_size, len(blk_len), int((lengths > 0).sum()), dev(blk_start), dev(blk_len), dev(blk_local),
+    return Layout(block_size, len(blk_len), int((lengths > 0).sum()), int(nb_doc.max()) if len(nb_doc) else 0,
+                  dev(blk_start), dev(blk_len), dev(blk_local),
                   dev(q_tiles), tile_m, blk_start, blk_len)
 
 
