@@ -113,13 +113,15 @@ def main():
               f"{'yes' if shared <= SMEM_LIMIT else 'NO'} |")
     if elem == 2:  # 16-bit queries read the means as bf16 parts (fp16 queries in two bf16 parts themselves)
         gate_types = {**types, "Out": "*i32", "Means": "*bf16", "part_stride": "i32"}  # Means: the bf16 parts
-        consts = dict(HQ=hq, HKV=hkv, D=args.dim, TOPK=3, KP=4, BLOCK_M=tile_m, BLOCK_B=32,
-                      Q_PARTS=2 if args.dtype == "fp16" else 1)
-        regs, spills, shared = report(gate._gate_kernel, gate_types, consts, 4, 3,
-                                      os.path.join(args.sass, "gate.sass") if args.sass else None)
-        print(f"| gate (top_k 3) | BLOCK_B 32 w4 | {regs} | {spills} | {shared / 1024:.0f} | "
-              f"{'yes' if shared <= SMEM_LIMIT else 'NO'} |")
-
+        for blocks, merge in ((128, "rounds"), (129, "lanes")):  # gate_config's two choices at top_k 3
+            launch = gate.gate_config(3, blocks, args.dim)
+            warps = launch.pop("num_warps")
+            consts = dict(HQ=hq, HKV=hkv, D=args.dim, TOPK=3, KP=4, BLOCK_M=tile_m,
+                          Q_PARTS=2 if args.dtype == "fp16" else 1, **launch)
+            regs, spills, shared = report(gate._gate_kernel, gate_types, consts, warps, 3,
+                                          os.path.join(args.sass, f"gate_{merge}.sass") if args.sass else None)
+            print(f"| gate (top_k 3, {merge}) | BLOCK_B {launch['BLOCK_B']} w{warps} | {regs} | {spills} | "
+                  f"{shared / 1024:.0f} | {'yes' if shared <= SMEM_LIMIT else 'NO'} |")
 
 if __name__ == "__main__":
     main()

@@ -469,8 +469,8 @@ def lanes(block_b=4):
     from moba_train.ops.fused import gate
 
     picked = gate.gate_config
-    gate.gate_config = lambda top_k, blocks: ({"BLOCK_B": block_b, "num_warps": 4, "DEPTH": top_k - 1} if top_k <= 3
-                                              else picked(top_k, blocks))
+    gate.gate_config = lambda top_k, blocks, dim: ({"BLOCK_B": block_b, "num_warps": 4, "DEPTH": top_k - 1}
+                                                   if top_k <= 3 else picked(top_k, blocks, dim))
     try:
         yield
     finally:

@@ -228,18 +228,19 @@ def test_triton_is_deterministic(block_size, top_k):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("top_k", [2, 3])
-def test_lane_gate_at_many_blocks(top_k, dtype):
+def test_lane_gate_at_many_blocks(top_k, dtype, dim):
     """Documents of >= 128 blocks take the lane-wise top-k: the same selections as the round-by-round merge over
     the same scores, and the reference's wherever no near-tie flips under another fp32 summation order."""
     from moba_train.ops.fused.gate import gate_config, select
     from moba_train.ops.fused.layout import build_layout, query_tile
 
     lengths, block_size = [40000, 24000, 1536], 128
-    q, k, _, cu = packed(lengths, 8, 2, 128, seed=5, dtype=dtype)
+    q, k, _, cu = packed(lengths, 8, 2, dim, seed=5, dtype=dtype)
     layout = build_layout(cu, block_size, query_tile(block_size, False), q.device)
-    assert gate_config(top_k, layout.max_doc_blocks)["DEPTH"] == top_k - 1
+    assert gate_config(top_k, layout.max_doc_blocks, dim)["DEPTH"] == top_k - 1
     got = select(q, k, layout, top_k)
     assert torch.equal(got, select(q, k, layout, top_k, {"BLOCK_B": 32, "num_warps": 4, "DEPTH": 0}))
     same = (got == reference_select(q, k, cu, max(lengths), block_size, top_k)).all(-1)

@@ -162,12 +162,16 @@ def _gate_kernel(Q, Means, Out, QTiles, BlkStart, BlkLen, BlkLocal, part_stride,
     tl.store(Out + rows[:, None] * TOPK + slot[None, :], sel, mask=mask_m[:, None] & (slot[None, :] < TOPK))
 
 
-def gate_config(top_k: int, max_doc_blocks: int) -> dict:
-    """Launch config of the gate. Lanes (DEPTH = k - 1) for top_k <= 3 where rows meet many chunks of means,
-    eight warps so the lanes stay in registers: on an H100 at 256 blocks (c:128K) 1.81 -> 1.52 ms, at 512 blocks
-    6.21 -> 4.38; at 64-128 blocks the rounds are as fast (docs/kernels.md item 44)."""
+def gate_config(top_k: int, max_doc_blocks: int, dim: int) -> dict:
+    """Launch config of the gate. Lanes (DEPTH = k - 1) for top_k <= 3 where rows meet many chunks of means:
+    on an H100 at 256 blocks (c:128K) 1.81 -> 1.52 ms at head_dim 128 (eight warps keep the lanes in registers)
+    and 1.43 -> 0.98 at head_dim 64 (four warps, 16-mean chunks); at 512 blocks 6.21 -> 4.38 (head_dim 128); at
+    64-128 blocks the rounds are as fast. (A batch whose longest document first passes 128 blocks compiles the
+    lane variant once.) Deeper lanes lost to the rounds (top_k 8: 8.4 -> 12.8 ms at b:128K;
+    docs/kernels.md item 44)."""
     if top_k <= 3 and max_doc_blocks > 128:
-        return {"BLOCK_B": 32, "num_warps": 8, "DEPTH": top_k - 1}
+        return {"BLOCK_B": 16, "num_warps": 4, "DEPTH": top_k - 1} if dim <= 64 else \
+            {"BLOCK_B": 32, "num_warps": 8, "DEPTH": top_k - 1}
     return {"BLOCK_B": 32, "num_warps": 4, "DEPTH": 0}
 
 
@@ -182,5 +186,5 @@ def select(q: Tensor, k: Tensor, layout: Layout, top_k: int, cfg: dict | None = 
     _gate_kernel[grid](q, means, out, layout.q_tiles, layout.blk_start, layout.blk_len, layout.blk_local,
                        means[0].numel() if q_parts else 0, HQ=hq, HKV=k.shape[1], D=dim, TOPK=top_k,
                        KP=triton.next_power_of_2(top_k), BLOCK_M=layout.tile_m, Q_PARTS=q_parts,
-                       **(cfg or gate_config(top_k, layout.max_doc_blocks)))
+                       **(cfg or gate_config(top_k, layout.max_doc_blocks, dim)))
     return out
