@@ -47,11 +47,12 @@ def config(out_dir, *overrides):
                                                                   *overrides]))
 
 
-def losses(out_dir):
-    """{step: loss} from metrics.jsonl; a step logged twice (re-run after a crash) must repeat its loss exactly."""
+def losses(out_dir, key="loss"):
+    """{step: loss} (or another logged metric) from metrics.jsonl; a step logged twice (re-run after a crash) must
+    repeat it exactly."""
     out = {}
     for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))):
-        assert out.setdefault(r["step"], r["loss"]) == r["loss"], r
+        assert out.setdefault(r["step"], r[key]) == r[key], r
     return out
 
 
@@ -218,7 +219,8 @@ def two_ranks(tmp_path_factory):
 
 def test_two_ranks_resume_on_one(two_ranks, tmp_path):
     """dp=2 saves at step 3; one rank with grad_accum=2 continues like the 2-rank run (same global batch,
-    consumed samples carried over)."""
+    consumed samples carried over). The gradient norms match too: Adam would hide gradients scaled by the
+    accumulation count from the losses."""
     one = tmp_path / "one"
     trainer = Trainer(config(one, "train.grad_accum=2", f"checkpoint.resume={two_ranks}/checkpoints/step_00000003"))
     assert trainer.step == 3 and trainer.loader.consumed == 3 * 4
@@ -228,6 +230,9 @@ def test_two_ranks_resume_on_one(two_ranks, tmp_path):
     assert sorted(got) == [4, 5, 6]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, got[step], ref[step])
+    ref, got = losses(two_ranks, "grad_norm"), losses(one, "grad_norm")
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
 
 
 
@@ -349,8 +354,10 @@ def test_refused_resume_keeps_the_run_model_config(tmp_path):
 
 
 def test_resume_takes_the_optimizer_settings_of_the_config(tmp_path, caplog):
-    Trainer(config(tmp_path, "train.steps=2", "train.lr=1e-3")).train()
-    cfg = config(tmp_path, "train.steps=4", "train.lr=1e-5", "train.beta2=0.99", "train.weight_decay=0.05")
+    """One warmup step, so every resumed step sits on the cosine where neighbouring steps' rates differ."""
+    Trainer(config(tmp_path, "train.steps=2", "train.lr=1e-3", "train.warmup_steps=1")).train()
+    cfg = config(tmp_path, "train.steps=4", "train.lr=1e-5", "train.beta2=0.99", "train.weight_decay=0.05",
+                 "train.warmup_steps=1")
     with caplog.at_level(logging.WARNING, logger="moba_train.train.optim"):
         trainer = Trainer(cfg)
     assert trainer.step == 2

@@ -25,6 +25,8 @@ def test_layer_kinds_hybrid_and_explicit():
     assert model.attention_kinds() == ["moba", "moba", "full"]
     model.set_attention_kinds(["full"] * 3)
     assert model.attention_kinds() == ["full"] * 3
+    with pytest.raises(ValueError, match="full_attn_last_k must be >= 0"):  # was one extra layer
+        layer_kinds(AttentionConfig(full_attn_last_k=-1), 4)
 
 
 def test_loss_is_mean_cross_entropy_over_real_tokens():

@@ -55,5 +55,7 @@ def layer_kinds(attn: AttentionConfig, n_layers: int) -> list[str]:
         if len(attn.layers) != n_layers:  # validate() says so for configs; this catches direct API use
             raise ValueError(f"attention.layers has {len(attn.layers)} entries; the model has {n_layers} layers")
         return list(attn.layers)
+    if attn.full_attn_last_k < 0:  # validate() says so for configs; this catches direct API use
+        raise ValueError(f"attention.full_attn_last_k must be >= 0, got {attn.full_attn_last_k}")
     n_full = min(attn.full_attn_last_k, n_layers)
     return [attn.kind] * (n_layers - n_full) + ["full"] * n_full
