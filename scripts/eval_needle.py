@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.top_k is not None and args.top_k < 1:
             raise UserError(f"--top-k {args.top_k}: must be >= 1 (leave it out to use the run's attention.top_k)")
         device_arg(args.device)
-        checkpoint = find_checkpoint(args.run)
+        checkpoint = find_checkpoint(args.run, "--run")
         cfg = load_run_config(args.run, checkpoint)
         top_k = cfg.attention.top_k if args.top_k is None else args.top_k
         # the layer kinds its newest checkpoint was trained with (attention.schedule may have switched layers); a

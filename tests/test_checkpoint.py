@@ -178,27 +178,68 @@ def test_changed_model_shape_is_one_clear_error(straight, tmp_path):
         Trainer(config(tmp_path, "train.steps=1", "model.dim=32", "model.ffn_dim=64"))
 
 
-@pytest.mark.parametrize("damage", ["truncate_shard", "missing_train_state", "missing_manifest", "bad_metadata"])
+def damage_checkpoint(path, damage):
+    """Damage the checkpoint dir `path` one way; returns the file (or dir) an error should name."""
+    shard = path / "__0_0.distcp"
+    if damage == "truncate_shard":
+        with open(shard, "r+b") as f:
+            f.truncate(100)
+        return shard
+    if damage == "zero_shard":  # torn at its full size (what a power loss can leave): the manifest's sizes match
+        shard.write_bytes(b"\0" * os.path.getsize(shard))
+        return path
+    if damage == "missing_train_state":
+        (path / "train_state.pt").unlink()
+        return path / "train_state.pt"
+    if damage == "zero_train_state":
+        victim = path / "train_state.pt"
+        victim.write_bytes(b"\0" * os.path.getsize(victim))
+        return victim
+    if damage == "missing_manifest":
+        (path / "manifest.json").unlink()
+        return path / "manifest.json"
+    victim = path / ".metadata"
+    victim.write_bytes(b"\0" * os.path.getsize(victim))
+    return victim
+
+
+@pytest.mark.parametrize("damage", ["truncate_shard", "zero_shard", "missing_train_state", "zero_train_state",
+                                    "missing_manifest", "bad_metadata"])
 def test_corrupt_checkpoint_names_the_file(straight, tmp_path, damage):
     Trainer(config(tmp_path, "train.steps=2", "checkpoint.interval=1")).train()
-    path = tmp_path / "checkpoints" / "step_00000002"
-    if damage == "truncate_shard":
-        victim = path / "__0_0.distcp"
-        with open(victim, "r+b") as f:
-            f.truncate(100)
-    elif damage == "missing_train_state":
-        victim = path / "train_state.pt"
-        victim.unlink()
-    elif damage == "missing_manifest":
-        victim = path / "manifest.json"
-        victim.unlink()
-    else:
-        victim = path / ".metadata"
-        size = os.path.getsize(victim)
-        victim.write_bytes(b"\0" * size)
+    victim = damage_checkpoint(tmp_path / "checkpoints" / "step_00000002", damage)
     with pytest.raises(UserError, match=str(victim).replace(".", r"\.")) as err:
         Trainer(config(tmp_path, "train.steps=2"))
     assert str(err.value).endswith(f"checkpoint.resume={tmp_path}/checkpoints/step_00000001")
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)  # torch's text suggests unsafe loads
+
+
+@pytest.mark.parametrize("damage", ["truncate_shard", "zero_shard"])
+def test_damaged_init_from_is_one_clear_error(straight, tmp_path, damage):
+    """model.init_from (and the export and eval scripts, which load the same way) of a damaged DCP checkpoint."""
+    Trainer(config(tmp_path / "a", "train.steps=1")).train()
+    path = tmp_path / "a" / "checkpoints" / "step_00000001"
+    damage_checkpoint(path, damage)
+    with pytest.raises(UserError, match=f"{path}: cannot load checkpoint") as err:
+        Trainer(config(tmp_path / "b", f"model.init_from={path}", "checkpoint.resume=none"))
+    assert "\n" not in str(err.value)
+
+
+def test_resume_refuses_another_init_from(tmp_path):
+    """A run dir resumed with a new model.init_from would train on from its checkpoint, silently dropping the
+    new weights; relaunching with the same init_from, or without it, resumes."""
+    Trainer(config(tmp_path / "other", "train.steps=1")).train()
+    other = tmp_path / "other" / "checkpoints" / "step_00000001"
+    run = tmp_path / "run"
+    Trainer(config(run, "train.steps=1", f"model.init_from={other}")).train()
+    assert Trainer(config(run, "train.steps=2", f"model.init_from={other}")).step == 1
+    assert Trainer(config(run, "train.steps=2")).step == 1
+    Trainer(config(tmp_path / "random", "train.steps=1")).train()
+    cases = ((run, tmp_path / "random", other), (tmp_path / "random", other, "random weights"))
+    for target, init_from, started in cases:
+        with pytest.raises(UserError, match=f"model.init_from={init_from}.* would be ignored: {target}.* started "
+                                            f"from {started}"):
+            Trainer(config(target, "train.steps=2", f"model.init_from={init_from}"))
 
 
 def run_two_ranks(out_dir, *overrides, timeout=300):

@@ -145,3 +145,10 @@ def test_script_refuses_bad_flags(run_dir, capsys, flags, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_script_names_its_flag_for_a_missing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script().main(["--run", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such checkpoint directory (--run)\n"

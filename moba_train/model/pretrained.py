@@ -198,10 +198,11 @@ def checkpoint_step(path: str) -> int:
     return int(digits[-1]) if digits else -1
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint dir itself, or the newest DCP checkpoint inside a run dir (largest step number)."""
+def find_checkpoint(path: str, option: str = "model.init_from") -> str:
+    """A checkpoint dir itself, or the newest DCP checkpoint inside a run dir (largest step number); errors name
+    `option`, the setting the path came from."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: {_not_a_dir(path)} (model.init_from)")
+        raise CheckpointError(f"{path}: {_not_a_dir(path)} ({option})")
     if is_dcp_dir(path) or os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
         return path
     found = []

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moba_train.errors import CheckpointError
+from moba_train.model.dcp_import import dcp_causes, read_dcp
 from moba_train.model.pretrained import RUN_MODEL_CONFIG
 from moba_train.train.metrics import METRICS_FILE
 
@@ -147,22 +148,8 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[str]:
     raise CheckpointError(f"{path}: not a checkpoint (no manifest.json) and holds no step_* checkpoints")
 
 
-def _causes(err: BaseException) -> list[BaseException]:
-    """The exception, its causes and contexts, and DCP's per-rank failures (rank -> (exception, traceback))."""
-    seen, todo, out = set(), [err], []
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        out.append(e)
-        failures = getattr(e, "failures", None) or {}
-        todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [e.__cause__, e.__context__]
-    return out
-
-
 def _save_failure(err: BaseException, causes: list[BaseException], root: str) -> str:
-    """The cause of a failed save in a few words: the first OS error among its `_causes`; else a full disk
+    """The cause of a failed save in a few words: the first OS error among its `dcp_causes`; else a full disk
     (torch.save reports one as a zip-writer position mismatch); else the error's last line."""
     for e in causes:
         if isinstance(e, OSError) and e.strerror:
@@ -172,6 +159,13 @@ def _save_failure(err: BaseException, causes: list[BaseException], root: str) ->
         return f"the disk holding {root} is full ({free // 2**20} MiB free)"
     lines = [line for line in str(err).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(err).__name__
+
+
+def init_source(init_from: Optional[str]) -> Optional[str]:
+    """model.init_from as a run fact: an existing path made absolute (a hub name as given), or None."""
+    if not init_from:
+        return None
+    return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 
 
 def _rng_state() -> dict:
@@ -197,8 +191,9 @@ def _load_file(path: str) -> dict:
         raise CheckpointError(f"{path}: missing checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors of a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    except Exception as e:  # pickle/zip errors of a damaged file (torch's text suggests an unsafe load: not repeated)
+        raise CheckpointError(f"{path}: unreadable checkpoint file, damaged or not written by moba-train "
+                              f"({type(e).__name__})") from None
 
 
 def verify(path: str) -> dict:
@@ -305,7 +300,7 @@ class Checkpointer:
             yield
         except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's is a BaseException; torch.save and
             # DCP raise several types for the same I/O failure)
-            causes = _causes(err)
+            causes = dcp_causes(err)
             if any(not isinstance(e, (Exception, CheckpointException)) for e in causes):
                 raise  # an interrupt inside DCP's writer stays one, as the same interrupt elsewhere in the save
             if self.is_main:
@@ -422,11 +417,7 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         check_model_shapes(path, model_state)
         state = {"model": model_state, "optim": optim_state}
-        try:
-            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-        except Exception as e:  # DCP wraps per-rank failures; the manifest check above caught missing files
-            raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        read_dcp(state, path, no_dist=not dist.is_initialized())  # the manifest check above caught missing files
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         train_state = _load_file(os.path.join(path, "train_state.pt"))
@@ -459,8 +450,15 @@ class Checkpointer:
             if self.cfg.resume != "auto" or not older or isinstance(err, ShapeMismatch):  # older: same shapes
                 raise
             raise CheckpointError(f"{err}; to resume from the previous one: checkpoint.resume={older[-1]}") from None
+        started_from = (run_info or {}).get("init_from")
+        if started_from and "init_from" in saved and saved["init_from"] != started_from:
+            raise CheckpointError(f"model.init_from={init_from} would be ignored: {path} continues a run started "
+                                  f"from {saved['init_from'] or 'random weights'}; write the new run to another "
+                                  "train.out_dir (or checkpoint.resume=none to start afresh here)")
         self._abandon_newer(trainer.step, out_dir)
         for key, value in (run_info or {}).items():
+            if key == "init_from":  # checked above; leaving it out on a relaunch is fine
+                continue
             if (key in saved or key in RECORDED_SINCE) and saved.get(key) != value:
                 log.warning("resuming with %s=%r, saved with %r: %s", key, value, saved.get(key),
                             RESUME_EFFECTS.get(key, "sample order or schedule may differ from the saved run"))

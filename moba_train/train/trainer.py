@@ -22,7 +22,7 @@ from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
 from moba_train.train.metrics import MetricsLogger
 from moba_train.train.optim import apply_config, build_optimizer, build_scheduler
-from moba_train.train.checkpoint import Checkpointer
+from moba_train.train.checkpoint import Checkpointer, init_source
 from moba_train.train.signals import StopFlag
 from moba_train.train.stages import TrainingStages
 
@@ -63,7 +63,8 @@ class Trainer:
         self.loader = Loader(dataset, cfg.data.batch_size, self.dims.dp_rank, self.dims.dp, cfg.train.seed)
         self.step = 0
         self.run_info = {"global_batch": global_batch, "seed": cfg.train.seed, "data": cfg.data.path,
-                         "seq_len": cfg.data.seq_len, "steps": cfg.train.steps, "attention": asdict(cfg.attention)}
+                         "seq_len": cfg.data.seq_len, "steps": cfg.train.steps, "attention": asdict(cfg.attention),
+                         "init_from": init_source(cfg.model.init_from)}
         if cfg.data.name == "megatron":  # the sample index covers one pass since this marker (a resume compares)
             self.run_info["data_index"] = "one pass"
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.train.out_dir, self.dims.is_main)
