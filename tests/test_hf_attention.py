@@ -335,3 +335,10 @@ def test_cached_gate_scores_stay_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scored = score_blocks(q, means)
     assert scored.dtype == torch.float32 and torch.equal(scored, ref)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"block_size": 4.5}, "block_size"), ({"block_size": True}, "block_size"),
+                                          ({"top_k": "3"}, "top_k"), ({"full_attn_last_k": -1}, "full_attn_last_k")])
+def test_register_moba_refuses_non_integers(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name}=.* must be an integer"):
+        register_moba(**kwargs)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import packed
 from moba_train.ops import full_attn, moba_attn, moba_select
-from moba_train.ops.gate import attended_share
+from moba_train.ops.gate import attended_share, pick_blocks
 from moba_train.ops.naive import allowed_keys
 
 
@@ -213,11 +213,25 @@ def test_empty_documents_and_empty_batches():
     assert torch.equal(moba_select(q, k, plain, max_len, 8, 3), moba_select(q, k, padded, max_len, 8, 3))
     for fn in (lambda cu: moba_attn(q, k, v, cu, max_len, 8, 3, "naive"), lambda cu: full_attn(q, k, v, cu, max_len)):
         assert_same(grads(lambda *_: fn(plain), q, k, v), grads(lambda *_: fn(padded), q, k, v), tol=0)
-    q0, k0 = q[:0], k[:0]
+    q0, k0, v0 = (x[:0].detach().requires_grad_() for x in (q, k, v))
     for cu in (torch.tensor([0]), torch.tensor([0, 0])):
-        assert moba_attn(q0, k0, k0, cu, 0, 8, 3, "naive").shape == (0, 4, 8)
-        assert full_attn(q0, k0, k0, cu, 0).shape == (0, 4, 8)
+        for out in (moba_attn(q0, k0, v0, cu, 0, 8, 3, "naive"), full_attn(q0, k0, v0, cu, 0)):
+            assert out.shape == (0, 4, 8)
+            # gradients for all three (zero-sized), so a training step over an empty shard still reaches k and v
+            assert [g.shape for g in torch.autograd.grad(out.sum(), (q0, k0, v0))] == [(0, 4, 8), (0, 2, 8), (0, 2, 8)]
         assert moba_select(q0, k0, cu, 0, 8, 3).shape == (0, 4, 3)
+
+
+def test_top_k_beyond_the_blocks_costs_nothing_more():
+    """top_k past the longest document's blocks selects the same blocks: the op clamps it rather than allocating
+    [T, Hq, top_k] tables (a top_k of 10**9 failed to allocate); moba_select pads its columns with -1."""
+    q, k, v, cu, max_len = packed([70, 45], 4, 2, 8, seed=6)  # 5 blocks of 16 at most
+    ref = moba_attn(q, k, v, cu, max_len, 16, 5, "naive")
+    assert torch.equal(moba_attn(q, k, v, cu, max_len, 16, 10**9, "naive"), ref)
+    wide = moba_select(q, k, cu, max_len, 16, 40)
+    assert torch.equal(wide[..., :5], moba_select(q, k, cu, max_len, 16, 5)) and (wide[..., 5:] == -1).all()
+    scores = torch.randn(3, 7)
+    assert pick_blocks(scores, torch.tensor([6, 0, 3]), 10**9).shape == (3, 8)
 
 
 def test_reference_stays_fp32_under_autocast():

@@ -20,6 +20,7 @@ from moba_train.hf.cache_state import watch
 from moba_train.hf.decode import decode
 from moba_train.hf.prefill import prefill
 from moba_train.ops import BACKENDS
+from moba_train.ops.inputs import whole_number
 
 NAMES = ("moba", "moba_naive")
 
@@ -33,8 +34,8 @@ class MobaSettings:
     full_decode: bool = False  # decode with full attention over the cache (the reference code's behaviour)
 
     def __post_init__(self):
-        if self.block_size < 1 or self.top_k < 1 or self.full_attn_last_k < 0:
-            raise ValueError(f"need block_size >= 1, top_k >= 1, full_attn_last_k >= 0; got {self}")
+        for name, minimum in (("block_size", 1), ("top_k", 1), ("full_attn_last_k", 0)):
+            whole_number(name, getattr(self, name), minimum)  # a float or a string fails here, not in a forward
         if self.backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {('auto',) + BACKENDS}")
 

@@ -42,6 +42,14 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     return backend
 
 
+def effective_top_k(cu_seqlens: Tensor, block_size: int, top_k: int) -> int:
+    """top_k, or where it exceeds the blocks of the batch's longest document (it then selects every block) the
+    next power of two at or above those: the same blocks without [T, Hq, top_k] tables, and few kernel variants
+    (the fused kernels compile one per top_k)."""
+    blocks = max(1, -(-longest_doc(cu_seqlens) // block_size))
+    return top_k if top_k <= blocks else min(top_k, 1 << (blocks - 1).bit_length())
+
+
 def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int = 4096,
               top_k: int = 12, backend: str = "auto", softmax_scale: float | None = None) -> Tensor:
     """MoBA attention over a packed batch; every backend meets the contract in README.md ("The MoBA op").
@@ -53,8 +61,9 @@ def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     the tensor itself (`cu.copy_(...)`), never behind its version counter (`cu.data`), or pass a new tensor.
     """
     block_size, top_k, softmax_scale = check_inputs(q, k, v, cu_seqlens, block_size, top_k, softmax_scale)
-    if q.shape[0] == 0:  # an empty batch attends to nothing; clone keeps q's autograd graph
-        return q.clone()
+    if q.shape[0] == 0:  # an empty batch attends to nothing; zero gradients reach q, k and v
+        return q.clone() + 0 * (k.sum() + v.sum())
+    top_k = effective_top_k(cu_seqlens, block_size, top_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if backend == "auto" and longest_doc(cu_seqlens) <= top_k * block_size:
         return full_attn(q, k, v, cu_seqlens, max_seqlen, scale)
@@ -68,11 +77,16 @@ def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block
     Uses the fused Triton gate on CUDA when available, else the reference.
     """
     block_size, top_k, _ = check_inputs(q, k, k, cu_seqlens, block_size, top_k)
+    out = torch.full((q.shape[0], q.shape[1], top_k), -1, device=q.device, dtype=torch.int32)
     if q.shape[0] == 0:
-        return torch.empty(0, q.shape[1], top_k, device=q.device, dtype=torch.int32)
+        return out
+    picks = effective_top_k(cu_seqlens, block_size, top_k)  # the columns past them hold -1
     if _triton_usable(q):
-        return importlib.import_module(_MODULES["triton"]).moba_select(q, k, cu_seqlens, max_seqlen, block_size, top_k)
-    return _select_reference(q, k, cu_seqlens, max_seqlen, block_size, top_k)
+        fused = importlib.import_module(_MODULES["triton"])
+        out[..., :picks] = fused.moba_select(q, k, cu_seqlens, max_seqlen, block_size, picks)
+    else:
+        out[..., :picks] = _select_reference(q, k, cu_seqlens, max_seqlen, block_size, picks)
+    return out
 
 
 __all__ = ["BACKENDS", "full_attn", "moba_attn", "moba_select", "resolve_backend"]

@@ -84,8 +84,8 @@ def per_doc_sdpa(q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]],
         qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=softmax_scale, enable_gqa=gqa)
         outs.append(out.squeeze(0).transpose(0, 1))
-    if not outs:  # an empty batch; clone keeps q's autograd graph
-        return q.clone()
+    if not outs:  # an empty batch; zero gradients reach q, k and v
+        return q.clone() + 0 * (k.sum() + v.sum())
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

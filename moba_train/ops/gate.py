@@ -30,11 +30,13 @@ def block_means(k: Tensor, block_size: int) -> Tensor:
 
 
 def pick_blocks(scores: Tensor, own: Tensor, top_k: int) -> Tensor:
-    """The routing rule: scores [..., N] over blocks, own [...] the query's own block -> [..., top_k] long.
+    """The routing rule: scores [..., N] over blocks, own [...] the query's own block -> [..., min(top_k, N + 1)]
+    long (more columns would only hold -1).
 
     Own block always (last column); the best `top_k - 1` blocks j < own by score; -1 where fewer exist.
     """
     n_blocks = scores.shape[-1]
+    top_k = min(top_k, n_blocks + 1)
     own = own.expand(scores.shape[:-1])
     past = torch.arange(n_blocks, device=scores.device) < own[..., None]  # future blocks never compete
     scores = scores.masked_fill(~past, float("-inf"))
@@ -77,7 +79,7 @@ def picked_table(idx: Tensor, n_blocks: int) -> Tensor:
 
 @torch.no_grad()
 def select_doc(q: Tensor, k: Tensor, block_size: int, top_k: int) -> Tensor:
-    """Block selection for one document: q [L, Hq, D], k [L, Hkv, D] -> [L, Hq, top_k] int32.
+    """Block selection for one document: q [L, Hq, D], k [L, Hkv, D] -> [L, Hq, min(top_k, blocks + 1)] int32.
 
     Indices are ascending, own block included, padded with -1 where fewer than top_k blocks exist.
     """
@@ -110,7 +112,8 @@ def attended_share(length: int, block_size: int, top_k: int) -> float:
 def moba_select(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int,
                 top_k: int) -> Tensor:
     """Reference gate over a packed batch: [T, Hq, top_k] int32 block indices within each document."""
-    out = torch.empty(q.shape[0], q.shape[1], top_k, device=q.device, dtype=torch.int32)
+    out = torch.full((q.shape[0], q.shape[1], top_k), -1, device=q.device, dtype=torch.int32)
     for start, end in doc_spans(cu_seqlens):
-        out[start:end] = select_doc(q[start:end], k[start:end], block_size, top_k)
+        picked = select_doc(q[start:end], k[start:end], block_size, top_k)
+        out[start:end, :, :picked.shape[-1]] = picked
     return out

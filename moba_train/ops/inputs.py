@@ -9,6 +9,18 @@ from torch import Tensor
 from moba_train.ops.offsets import host_offsets
 
 
+def whole_number(name: str, value, minimum: int = 1) -> int:
+    """`value` as a plain int >= minimum (ints, numpy ints, 0-dim integer tensors; not floats or bools), else a
+    ValueError naming `name`."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= minimum
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return operator.index(value)
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size: int = 1, top_k: int = 1,
                  softmax_scale: float | None = None) -> tuple[int, int, float | None]:
     """A ValueError naming the problem for anything the kernels would mishandle (shapes, dtypes, offsets).
@@ -29,13 +41,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
                          f"{q.device}/{k.device}/{v.device}")
     if not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
-    for name, value in (("top_k", top_k), ("block_size", block_size)):
-        try:  # ints, numpy ints and 0-dim integer tensors; not floats or bools
-            ok = not isinstance(value, bool) and operator.index(value) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    top_k, block_size = whole_number("top_k", top_k), whole_number("block_size", block_size)
     if softmax_scale is not None:
         try:  # Python and numpy floats, 0-dim tensors; not bools
             scale = None if isinstance(softmax_scale, bool) else float(softmax_scale)
@@ -53,4 +59,4 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size
         raise ValueError(f"cu_seqlens must run from 0 to the token count {q.shape[0]}")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError("cu_seqlens must not decrease (documents have lengths >= 0)")
-    return operator.index(block_size), operator.index(top_k), softmax_scale
+    return block_size, top_k, softmax_scale
