@@ -69,6 +69,7 @@ def gate_equal(q, k, starts, block_size, top_k) -> bool:
     got = decode_gate(q, means, starts.to(k.device), length, block_size, top_k, max(own))
     own_t = torch.tensor(own, device=k.device)[:, None, None]
     want = pick_blocks(score_blocks(q, means[:, :, : max(own)]), own_t, top_k)[:, :, 0]
+    want = torch.nn.functional.pad(want, (0, top_k - want.shape[-1]), value=-1)  # pick_blocks stops at N + 1
     return bool(torch.equal(got.long().sort(-1).values, want.sort(-1).values))
 
 

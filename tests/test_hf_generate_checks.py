@@ -44,10 +44,10 @@ def llama_dir(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--block-size", "0"], "block_size >= 1"),
-    (["--top-k", "0"], "top_k >= 1"),
+    (["--block-size", "0"], "block_size=0 must be an integer >= 1"),
+    (["--top-k", "0"], "top_k=0 must be an integer >= 1"),
     (["--backend", "foo"], "backend='foo' is not one of"),
-    (["--full-attn-last-k", "-1"], "full_attn_last_k >= 0"),
+    (["--full-attn-last-k", "-1"], "full_attn_last_k=-1 must be an integer >= 0"),
     (["--full-attn-last-k", "3"], "--full-attn-last-k 3: the model has only 2 layers"),
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt-file", "missing.txt"], "--prompt-file missing.txt: cannot read it"),
