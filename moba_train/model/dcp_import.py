@@ -36,6 +36,11 @@ def dcp_causes(err: BaseException) -> list[BaseException]:
     return out
 
 
+def interrupted(causes: list[BaseException]) -> bool:
+    """Whether a DCP failure (its `dcp_causes`) holds an interrupt (Ctrl-C, SystemExit), which must stay one."""
+    return any(not isinstance(e, (Exception, CheckpointException)) for e in causes)
+
+
 def read_dcp(state: dict, path: str, no_dist: bool = True) -> None:
     """dcp.load into `state`. A damaged checkpoint (a shard torn or zero-filled at its full size) becomes one
     CheckpointError naming the first real cause: DCP wraps per-rank failures in a CheckpointException, which is a
@@ -46,7 +51,7 @@ def read_dcp(state: dict, path: str, no_dist: bool = True) -> None:
             dcp.load(state, checkpoint_id=path, no_dist=no_dist)
     except (Exception, CheckpointException) as err:  # noqa: BLE001
         causes = dcp_causes(err)
-        if any(not isinstance(e, (Exception, CheckpointException)) for e in causes):
+        if interrupted(causes):
             raise
         cause = next((e for e in causes if not isinstance(e, CheckpointException)), err)
         # torch.load's unpickling text suggests an unsafe load: a shard it cannot read is damaged, say that

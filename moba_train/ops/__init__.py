@@ -8,7 +8,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from moba_train.ops.full import flash_takes, full_attn
+from moba_train.ops.full import empty_batch, flash_takes, full_attn
 from moba_train.ops.gate import moba_select as _select_reference
 from moba_train.ops.inputs import check_inputs
 from moba_train.ops.offsets import longest_doc
@@ -61,8 +61,8 @@ def moba_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
     the tensor itself (`cu.copy_(...)`), never behind its version counter (`cu.data`), or pass a new tensor.
     """
     block_size, top_k, softmax_scale = check_inputs(q, k, v, cu_seqlens, block_size, top_k, softmax_scale)
-    if q.shape[0] == 0:  # an empty batch attends to nothing; zero gradients reach q, k and v
-        return q.clone() + 0 * (k.sum() + v.sum())
+    if q.shape[0] == 0:
+        return empty_batch(q, k, v)
     top_k = effective_top_k(cu_seqlens, block_size, top_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if backend == "auto" and longest_doc(cu_seqlens) <= top_k * block_size:

@@ -16,6 +16,11 @@ from moba_train.ops.gate import doc_spans
 from moba_train.ops.inputs import check_inputs
 
 
+def empty_batch(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The attention output of a batch without tokens: empty, with (zero) gradients reaching q, k and v."""
+    return q.clone() + 0 * (k.sum() + v.sum())
+
+
 def full_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
               softmax_scale: float | None = None) -> Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
@@ -84,8 +89,8 @@ def per_doc_sdpa(q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]],
         qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=softmax_scale, enable_gqa=gqa)
         outs.append(out.squeeze(0).transpose(0, 1))
-    if not outs:  # an empty batch; zero gradients reach q, k and v
-        return q.clone() + 0 * (k.sum() + v.sum())
+    if not outs:
+        return empty_batch(q, k, v)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moba_train.errors import CheckpointError
-from moba_train.model.dcp_import import dcp_causes, read_dcp
+from moba_train.model.dcp_import import dcp_causes, interrupted, read_dcp
 from moba_train.model.pretrained import RUN_MODEL_CONFIG
 from moba_train.train.metrics import METRICS_FILE
 
@@ -301,7 +301,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as err:  # noqa: BLE001 (DCP's is a BaseException; torch.save and
             # DCP raise several types for the same I/O failure)
             causes = dcp_causes(err)
-            if any(not isinstance(e, (Exception, CheckpointException)) for e in causes):
+            if interrupted(causes):
                 raise  # an interrupt inside DCP's writer stays one, as the same interrupt elsewhere in the save
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
