@@ -63,6 +63,41 @@ def _keys_kernel(Idx, Key, QTiles, BlkStart, BlkLen, BlkLocal, NB, N_SEG, HQ: tl
     tl.store(Key + rows * n_slots + slot[None, None, :], key.to(Key.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["n_pairs", "slot_tiles"])
+def _cut_kernel(SegStart, Tiles, n_pairs, slot_tiles, N_SLOTS: tl.constexpr, TILE_M: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One slot's entries: its segments (pair after pair) cut into runs of at most TILE_M rows, packed from the
+    slot's first entry, each (start in rows, row count, pair); the reserved entries after them hold 0 rows. One
+    program per slot walks the pairs in chunks (one launch instead of a dozen torch ops: the host's time per call
+    is what bounds short sequences)."""
+    slot = tl.program_id(0)
+    base = slot.to(tl.int64) * slot_tiles
+    used = 0
+    for p0 in range(0, n_pairs, BLOCK):
+        pair = p0 + tl.arange(0, BLOCK)
+        live = pair < n_pairs
+        seg = pair * N_SLOTS + slot
+        s0 = tl.load(SegStart + seg, mask=live, other=0)
+        s1 = tl.load(SegStart + seg + 1, mask=live, other=0)
+        n = (s1 - s0 + TILE_M - 1) // TILE_M
+        first = base + used + tl.cumsum(n, 0) - n
+        for j in range(0, tl.max(n, 0)):
+            start = s0 + j * TILE_M
+            out = Tiles + (first + j) * 3
+            write = j < n
+            tl.store(out, start, mask=write)
+            tl.store(out + 1, tl.minimum(s1 - start, TILE_M), mask=write)
+            tl.store(out + 2, pair, mask=write)
+        used += tl.sum(n, 0)
+    for t0 in range(used, slot_tiles, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        out = Tiles + (base + t) * 3
+        spare = t < slot_tiles
+        tl.store(out, 0, mask=spare)
+        tl.store(out + 1, 0, mask=spare)
+        tl.store(out + 2, 0, mask=spare)
+
+
 def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     """Never reads the GPU: launch sizes are bounds known from the shapes, so the host queues on."""
     tokens, hq, top_k = idx.shape
@@ -88,15 +123,6 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     # forward tiles: each slot's segments cut into tiles of tile_m rows, packed from the slot's first tile on.
     # A slot holds at most T * Hq rows, so ceil(T * Hq / tile_m) + (one partial tile per segment) bounds it.
     slot_tiles = -(-tokens * hq // tile_m) + n_pairs
-    seg_len = seg_start.diff().view(n_pairs, n_slots).t()  # [slot, pair]
-    n_tiles = (seg_len.long() + tile_m - 1) // tile_m
-    ends = torch.cumsum(n_tiles, 1)
-    t = torch.arange(slot_tiles, device=device).expand(n_slots, slot_tiles).contiguous()
-    pair = torch.searchsorted(ends, t, right=True)  # the pair whose tiles cover t; n_pairs past the last
-    used = pair < n_pairs
-    pair.clamp_(max=n_pairs - 1)
-    seg = pair * n_slots + torch.arange(n_slots, device=device)[:, None]
-    start = seg_start[seg] + (t - (ends.gather(1, pair) - n_tiles.gather(1, pair))) * tile_m
-    count = torch.where(used, torch.clamp(seg_start[seg + 1] - start, max=tile_m), 0)
-    tiles = torch.stack([start, count, pair], -1).view(-1, 3)
-    return Routes(n_slots, tile_m, rows, seg_start, tiles.to(torch.int32).contiguous(), slot_tiles)
+    tiles = torch.empty(n_slots * slot_tiles, 3, device=device, dtype=torch.int32)
+    _cut_kernel[(n_slots,)](seg_start, tiles, n_pairs, slot_tiles, N_SLOTS=n_slots, TILE_M=tile_m, BLOCK=1024)
+    return Routes(n_slots, tile_m, rows, seg_start, tiles, slot_tiles)
