@@ -9,6 +9,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from moba_train.config import one_line_errors, refuse_bad_out_dir, register_configs, to_config  # noqa: E402
+from moba_train.parallel.dims import end_parallel  # noqa: E402
 
 register_configs()
 
@@ -19,6 +20,7 @@ def main(cfg: DictConfig) -> None:
 
     with one_line_errors():
         Trainer(to_config(cfg)).train()
+    end_parallel()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from moba_train.config import one_line_errors, refuse_bad_out_dir, register_configs, to_config  # noqa: E402
 from moba_train.data.sft import check_sft_config  # noqa: E402
+from moba_train.parallel.dims import end_parallel  # noqa: E402
 
 register_configs()
 
@@ -26,6 +27,7 @@ def main(cfg: DictConfig) -> None:
         config = to_config(cfg)
         check_sft_config(config)
         Trainer(config).train()
+    end_parallel()
 
 
 if __name__ == "__main__":

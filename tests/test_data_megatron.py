@@ -195,6 +195,22 @@ def test_split_must_leave_training_documents(corpus, tmp_path):
         build_dataset(cfg_for(prefix, cache_dir=str(tmp_path / "c")), seed=0)
 
 
+
+def test_data_shorter_than_one_sample_is_one_error(tmp_path, caplog):
+    """A single prefix of at most seq_len tokens holds no sample (one takes seq_len + 1): it warned that every
+    sample repeats the data, then failed with 'yields no training samples'. Now one error names the minimum."""
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "abcdefgh" * 5}) + "\n")
+    prefix = str(tmp_path / "short")
+    prepare_data.prepare([str(path)], prefix, workers=1, progress=False)
+    reader = indexed_dataset(prefix)  # kept alive: its lengths are a view of its memory map
+    tokens = int(reader.sequence_lengths.sum())
+    with pytest.raises(UserError, match=rf"holds {tokens} tokens; a sample of data.seq_len={tokens} takes "
+                                        rf"{tokens + 1}"):
+        build_dataset(cfg_for(prefix, seq_len=tokens, cache_dir=str(tmp_path / "c")), seed=0)
+    assert "repeats the data" not in caplog.text
+    assert len(build_dataset(cfg_for(prefix, seq_len=tokens - 1, cache_dir=str(tmp_path / "c")), seed=0)) == 1
+
 def test_blend_strings():
     from moba_train.data.megatron import parse_blend
 

@@ -88,6 +88,30 @@ def test_cached_decode_of_packed_rows_is_refused():
     hf(x[:, :22], position_ids=pos[:, :22], past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="cached decoding of packed sequences"):
         hf(x[:, 22:], position_ids=pos[:, 22:], past_key_values=cache, use_cache=True)
+    # the restart inside the continued chunk (its first token still follows on): second document routed over
+    # the first, logits off by ~6, until the check looked past a chunk's first token
+    cache = DynamicCache(config=hf.config)
+    hf(x[:, :8], position_ids=pos[:, :8], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="cached decoding of packed sequences"):
+        hf(x[:, 8:], position_ids=pos[:, 8:], past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+def test_chunked_prefill_of_a_padded_batch_equals_one_prefill():
+    """A right-padded row whose continued chunk starts on padding (position 1, as generate() writes for padding)
+    is no packed row: it was refused before the check looked at real tokens only."""
+    hf = hf_model("moba")
+    x = ids(2, 23)
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[1, 15:] = 0
+    pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    whole = hf(x, attention_mask=mask, position_ids=pos).logits
+    cache = DynamicCache(config=hf.config)
+    first = hf(x[:, :17], attention_mask=mask[:, :17], position_ids=pos[:, :17], past_key_values=cache,
+               use_cache=True).logits
+    rest = hf(x[:, 17:], attention_mask=mask, position_ids=pos[:, 17:], past_key_values=cache, use_cache=True).logits
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat([first, rest], 1)[real], whole[real], **TOL)
 
 
 @torch.no_grad()

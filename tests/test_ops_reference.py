@@ -234,6 +234,15 @@ def test_top_k_beyond_the_blocks_costs_nothing_more():
     assert pick_blocks(scores, torch.tensor([6, 0, 3]), 10**9).shape == (3, 8)
 
 
+
+def test_block_far_longer_than_the_documents_is_full_attention():
+    """A block longer than every document means full causal attention (DESIGN.md); the reference's block means
+    padded each document to a whole block first, so 2**40 failed to allocate (and 2**24 took 8.6 GB)."""
+    q, k, v, cu, max_len = packed([10, 7], 2, 2, 16, seed=8)
+    ref = moba_attn(q, k, v, cu, max_len, 16, 1, "naive")  # one block per document
+    assert torch.equal(moba_attn(q, k, v, cu, max_len, 2**40, 1, "naive"), ref)
+    assert torch.equal(moba_select(q, k, cu, max_len, 2**40, 1), moba_select(q, k, cu, max_len, 16, 1))
+
 def test_reference_stays_fp32_under_autocast():
     """The trainer runs the model under bf16 autocast: the reference gate's scores and naive attention's
     products must not drop to bf16 there (they would select other blocks than the fused gate)."""

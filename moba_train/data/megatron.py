@@ -231,7 +231,10 @@ class MegatronData:
             check_sidecar(prefix, self.tokenizer, tokens, dtype)
         train_share = check_split(mcfg.split, prefixes, [docs for docs, _, _ in sizes])
         total = sum(tokens for _, tokens, _ in sizes)
-        if total <= cfg.seq_len:
+        if total <= cfg.seq_len and len(prefixes) == 1 and weights is None:
+            raise UserError(f"data.path={cfg.path!r} holds {total} tokens; a sample of data.seq_len={cfg.seq_len} "
+                            f"takes {cfg.seq_len + 1} (its inputs and the next token)")
+        if total <= cfg.seq_len:  # a weighted part this small is sampled again and again
             log.warning("data.path=%r holds %d tokens, fewer than one sample of data.seq_len=%d: every sample "
                         "repeats the data", cfg.path, total, cfg.seq_len)
         if weights is None and len(prefixes) > 1:

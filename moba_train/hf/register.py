@@ -123,12 +123,16 @@ def moba_attention(name: str, module, query: Tensor, key: Tensor, value: Tensor,
 
 def refuse_packed_cache(position_ids: Tensor | None, mask: Tensor | None, cached: int) -> None:
     """Decoding treats each row's cache as one document; a row whose positions restarted (packed documents, which
-    prefill splits at position 0) would route and attend across the restart. Its first new token's position is
-    then below the count of real cached tokens."""
+    prefill splits at position 0) would route and attend across the restart. A restart shows as a real new token
+    whose position is below the count of real tokens before it (padding slots carry arbitrary positions)."""
     if position_ids is None or position_ids.dim() != 2:
         return
-    real = mask[:, :cached].sum(1) if mask is not None else torch.full_like(position_ids[:, 0], cached)
-    if bool((position_ids[:, 0].to(real.device) < real).any()):
+    batch, new = position_ids.shape
+    real = (mask if mask is not None else
+            torch.ones(batch, cached + new, dtype=torch.bool, device=position_ids.device))
+    real_new = real[:, cached:]
+    before = real.long().cumsum(1)[:, cached:] - real_new.long()
+    if bool((real_new & (position_ids.to(before.device) < before)).any()):
         raise ValueError("moba: cached decoding of packed sequences (position_ids restarting at 0 inside a row) is "
                          "not supported; decode each document in a row of its own")
 

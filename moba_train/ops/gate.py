@@ -21,11 +21,14 @@ def block_means(k: Tensor, block_size: int) -> Tensor:
     The last block may be short; its mean is over the keys it has.
     """
     length, heads, dim = k.shape
-    n_blocks = -(-length // block_size)
-    pad = n_blocks * block_size - length
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad))
-    sums = kf.view(n_blocks, block_size, heads, dim).sum(1)
-    counts = (length - block_size * torch.arange(n_blocks, device=k.device)).clamp(max=block_size).float()
+    whole = length // block_size * block_size
+    kf = k.float()
+    # whole blocks and the short tail summed apart: padding to whole blocks would allocate block_size rows for a
+    # document far shorter than a block (a valid input: it means full attention)
+    sums = kf[:whole].view(-1, block_size, heads, dim).sum(1)
+    if whole < length:
+        sums = torch.cat([sums, kf[whole:].sum(0, keepdim=True)])
+    counts = (length - block_size * torch.arange(sums.shape[0], device=k.device)).clamp(max=block_size).float()
     return sums / counts[:, None, None]
 
 

@@ -96,3 +96,11 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     dims.flat["fsdp"] = dims.flat["dp_shard_cp"] if dp_replicate == 1 else init_device_mesh(
         device.type, (dp_replicate, dp_shard * cp), mesh_dim_names=("dp_replicate", "dp_shard_cp"))
     return dims
+
+
+def end_parallel() -> None:
+    """Tear the process group down after a finished run. Left to the interpreter's exit, gloo's teardown can abort
+    a rank (`terminate called without an active exception`) and torchrun then reports a finished run as failed.
+    Not on errors: the other ranks may be inside a collective that would never end."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
