@@ -12,8 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from moba_train.config import one_line_errors, refuse_bad_out_dir, register_configs, to_config  # noqa: E402
+from moba_train.config import refuse_bad_out_dir, register_configs, to_config  # noqa: E402
 from moba_train.data.sft import check_sft_config  # noqa: E402
+from moba_train.errors import one_line_errors  # noqa: E402
 from moba_train.parallel.dims import end_parallel  # noqa: E402
 
 register_configs()

@@ -8,14 +8,13 @@ import math
 import os
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
 from moba_train.data.config import DataConfig
 from moba_train.data.tokenizer import BYTE_VOCAB
-from moba_train.errors import ConfigError, UserError
+from moba_train.errors import ConfigError
 from moba_train.model.config import ATTENTION_KINDS, UNSET, AttentionConfig, ModelConfig
 from moba_train.model.rope import ROPE_SCALING_KEYS
 from moba_train.ops import BACKENDS
@@ -46,21 +45,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base", node=Config)
     if not OmegaConf.has_resolver("from_checkpoint"):  # resolved outside to_config: the schema default
         OmegaConf.register_new_resolver("from_checkpoint", lambda _node_: getattr(ModelConfig(), _node_._key()))
-
-
-@contextmanager
-def one_line_errors():
-    """Inside a launcher's Hydra main (Hydra itself reports what escapes it with a traceback): a UserError is one
-    `error:` line and exit 2; Ctrl-C where no checkpoint is due (setup, or a second signal that stops at once) one
-    line and the shell's 130."""
-    try:
-        yield
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted (SIGINT): stopped without saving", file=sys.stderr)
-        sys.exit(130)
 
 
 def refuse_bad_out_dir(argv: list[str]) -> None:

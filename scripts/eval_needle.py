@@ -17,7 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from moba_train.config import Config, to_config  # noqa: E402
 from moba_train.device import device_arg  # noqa: E402
-from moba_train.errors import UserError  # noqa: E402
+from moba_train.errors import UserError, one_line_errors  # noqa: E402
 from moba_train.eval import evaluate_needles, summarize  # noqa: E402
 from moba_train.model.pretrained import checkpoint_step, find_checkpoint, init_model, is_dcp_dir  # noqa: E402
 from moba_train.train.checkpoint import RUN_CONFIG  # noqa: E402
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=None, help="evaluate with another attention.top_k")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():  # Ctrl-C during the eval too: one line, exit 130
         if args.samples < 1:
             raise UserError(f"--samples {args.samples}: must be >= 1")
         if args.top_k is not None and args.top_k < 1:
@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         attn = dataclasses.replace(cfg.attention, top_k=top_k, layers=kinds, schedule=[])
         model = init_model(dataclasses.replace(cfg.model, init_from=checkpoint), attn, args.device, resolved=True)
         model.eval()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    answers = evaluate_needles(model, cfg.data, attn.block_size, args.seed, args.samples, torch.device(args.device))
+        answers = evaluate_needles(model, cfg.data, attn.block_size, args.seed, args.samples,
+                                   torch.device(args.device), progress=True)
     print(f"{args.run}: layers {describe(kinds)}, block_size {attn.block_size}, top_k {attn.top_k}, "
           f"{len(answers)} answers, chance loss ln({cfg.data.needle_values}) = {math.log(cfg.data.needle_values):.2f}")
     print("| needle blocks back | answers | accuracy | loss | gate recall per MoBA layer |")

@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from moba_train.data.jsonl import json_lines, not_utf8  # noqa: E402
 from moba_train.data.tokenizer import load_tokenizer  # noqa: E402
-from moba_train.errors import UserError  # noqa: E402
+from moba_train.errors import UserError, one_line_errors  # noqa: E402
 
 JSON_SUFFIXES = (".jsonl", ".json")
 BINARY_SUFFIXES = (".parquet", ".arrow", ".bin", ".idx", ".zst", ".bz2", ".xz", ".zip")
@@ -180,11 +180,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():  # Ctrl-C too: prepare removes its partial files, then one line
         summary = prepare(args.input, args.output_prefix, args.tokenizer, args.json_key, args.workers)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"{args.output_prefix}: {summary['documents']} documents, {summary['tokens']} tokens "
           f"({summary['skipped_empty']} empty skipped)")
 

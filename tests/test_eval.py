@@ -152,3 +152,23 @@ def test_script_names_its_flag_for_a_missing_run(tmp_path, capsys):
         eval_script().main(["--run", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such checkpoint directory (--run)\n"
+
+
+def test_script_stops_in_one_line_on_ctrl_c(run_dir, capsys, monkeypatch):
+    """Ctrl-C during the rows gives one line and the shell's 130 (it was a traceback); the rows show a bar."""
+    import moba_train.eval.needle as needle
+
+    script = eval_script()
+    seen = []
+
+    def interrupted(batch):
+        seen.append(batch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(needle, "collate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--run", run_dir, "--samples", "3", "--device", "cpu"])
+    assert exit_info.value.code == 130 and len(seen) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("interrupted (SIGINT): stopped without saving\n") and "Traceback" not in err
+    assert "needle eval" in err

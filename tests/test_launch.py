@@ -66,7 +66,7 @@ def test_wandb_offline_logs_without_network(tmp_path):
 def test_launchers_report_errors_and_interrupts_in_one_line(capsys):
     """What a launcher's main raises: a UserError is `error: ...` and exit 2; Ctrl-C before training (setup:
     tokenizing, index building), where no checkpoint is due, was a KeyboardInterrupt traceback."""
-    from moba_train.config import one_line_errors
+    from moba_train.errors import one_line_errors
     from moba_train.errors import ConfigError
 
     bad = "attention.top_k=0 must be >= 1"

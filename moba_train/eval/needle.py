@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from moba_train.data.config import DataConfig
 from moba_train.data.loader import collate
@@ -44,13 +45,14 @@ def _capture_selections(model: Llama) -> tuple[list, list]:
 
 @torch.no_grad()
 def evaluate_needles(model: Llama, data: DataConfig, block_size: int, seed: int, samples: int,
-                     device: torch.device) -> list[Answer]:
-    """Answers of `samples` rows of the task (seed picks rows the training run did not see if it differs)."""
+                     device: torch.device, progress: bool = False) -> list[Answer]:
+    """Answers of `samples` rows of the task (seed picks rows the training run did not see if it differs);
+    `progress`: a bar over the rows on stderr."""
     dataset = NeedleRetrieval(data, seed)
     selections, handles = _capture_selections(model)
     answers = []
     try:
-        for index in range(samples):
+        for index in tqdm(range(samples), desc="needle eval", unit="row", disable=not progress):
             batch = {k: v.to(device) for k, v in collate([dataset[index]]).items()}
             selections.clear()
             logits = model(batch["input_ids"], cu_seqlens=batch.get("cu_seqlens"))[0].float()
