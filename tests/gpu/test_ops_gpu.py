@@ -190,13 +190,45 @@ def test_fused_op_queues_without_syncs():
         assert torch.equal(a, b)
 
 
+
+def test_fused_op_replays_in_a_cuda_graph():
+    """Forward and backward captured once in a CUDA graph and replayed on new values in the same buffers give the
+    bits an eager call gives on those values: nothing in the op reads the GPU back or keeps host-side copies of
+    q, k, v (cu_seqlens, read once before the capture, stays the same tensor)."""
+    lengths, hq, hkv, dim, block_size, top_k = (1000, 3000, 517), 8, 2, 128, 256, 3
+    q, k, v, cu = packed(lengths, hq, hkv, dim, seed=6)
+    weight = upstream(q)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+
+    def step():
+        out = moba_attn(*leaves, cu, max(lengths), block_size, top_k, backend="triton")
+        return [out, *torch.autograd.grad(out, leaves, weight)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    q2, k2, v2, _ = packed(lengths, hq, hkv, dim, seed=7)
+    with torch.no_grad():
+        for leaf, new in zip(leaves, (q2, k2, v2)):
+            leaf.copy_(new)
+    graph.replay()
+    eager = run("triton", q2, k2, v2, cu, max(lengths), block_size, top_k, weight)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), captured, eager):
+        assert torch.equal(a, b), name
+
 def test_fused_op_compiles_once_across_packings():
     """Another packing of the same tokens (other block counts and tile offsets, one a multiple of 16) compiles no
     new kernel variant: a later training step never stalls on a compile."""
-    from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate, means
+    from moba_train.ops.fused import bwd, bwd_kv, bwd_q, fwd, gate, means, routing
 
     kernels = (fwd._past_kernel, fwd._past_block_kernel, fwd._own_kernel, bwd._rows_kernel, bwd_kv.kv_kernel,
-               bwd_q.dq_past_kernel, bwd_q.dq_own_kernel, gate._gate_kernel, means._means_kernel)
+               bwd_q.dq_past_kernel, bwd_q.dq_own_kernel, gate._gate_kernel, means._means_kernel,
+               routing._keys_kernel, routing._cut_kernel)
     hq, hkv, dim, block_size, top_k = 8, 2, 128, 64, 3
     counts = []
     for lengths in ((1000, 3000, 517), (65,) * 9 + (3932,)):  # 72 then 80 blocks, 4517 tokens each
