@@ -4,6 +4,8 @@ YAML files under configs/ hold values; this file holds the schema (unknown keys 
 which turns a bad value into one ConfigError line naming the key and the allowed values.
 """
 
+import dataclasses
+import logging
 import math
 import os
 import re
@@ -83,6 +85,13 @@ def to_config(cfg: DictConfig | Config) -> Config:
         from moba_train.model.pretrained import resolve_model_config
 
         config.model = resolve_model_config(config.model, explicit)
+    declared, trained = config.model.max_seq_len, config.data.seq_len
+    if isinstance(declared, int) and isinstance(trained, int) and 0 < declared < trained:
+        # the context the model declares (an HF export's max_position_embeddings, which generation enforces)
+        # covers what it trains: an export of a 2048-token run declared 1024
+        logging.getLogger(__name__).warning("model.max_seq_len=%d is below data.seq_len=%d: raised to %d, the "
+                                            "context this run trains", declared, trained, trained)
+        config.model = dataclasses.replace(config.model, max_seq_len=trained)
     validate(config)
     return config
 

@@ -18,14 +18,10 @@ import dataclasses
 import os
 import sys
 
-import yaml
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moba_train.errors import UserError  # noqa: E402
-from moba_train.model import AttentionConfig, ModelConfig, hf, pretrained  # noqa: E402
-from moba_train.model.config import UNSET  # noqa: E402
-from moba_train.train.checkpoint import RUN_CONFIG  # noqa: E402
+from moba_train.model import AttentionConfig, hf, pretrained  # noqa: E402
 from moba_train.train.schedule_attn import AttentionSchedule, describe  # noqa: E402
 
 
@@ -56,7 +52,7 @@ def moba_settings(path: str, config_path, n_layers: int) -> dict:
     if not pretrained.is_dcp_dir(path):
         return {}  # consolidated dirs carry weights only
     try:
-        run = read_run_config(config_path or find_run_config(path))
+        run = pretrained.read_run_config(config_path or find_run_config(path))
     except UserError as e:
         print(f"note: no moba_* settings written ({e})")
         return {}
@@ -79,8 +75,8 @@ def find_run_config(path: str) -> str:
     """The config a DCP checkpoint was trained with: its own config.yaml, or for checkpoints written before they
     carried one, the Hydra config of the run above it (<run>/.hydra/config.yaml, which a later launch in that
     out_dir rewrites)."""
-    if os.path.isfile(os.path.join(path, RUN_CONFIG)):
-        return os.path.join(path, RUN_CONFIG)
+    if os.path.isfile(os.path.join(path, pretrained.RUN_CONFIG)):
+        return os.path.join(path, pretrained.RUN_CONFIG)
     here = os.path.abspath(path)
     for _ in range(4):
         candidate = os.path.join(here, ".hydra", "config.yaml")
@@ -91,43 +87,17 @@ def find_run_config(path: str) -> str:
                     "it; give --config <run>/.hydra/config.yaml")
 
 
-def read_run_config(config_path: str) -> dict:
-    """A run's saved config (yaml or json) as plain containers."""
-    from omegaconf import OmegaConf
-
-    if not os.path.isfile(config_path):
-        raise UserError(f"{config_path}: no such config file (--config)")
-    try:
-        run = OmegaConf.to_container(OmegaConf.load(config_path))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:  # yaml explains on several lines, with the position
-        raise UserError(f"{config_path}: not valid YAML or JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(run, dict):
-        raise UserError(f"{config_path}: expected a mapping with a model: section, got a {type(run).__name__}")
-    return run
-
-
-def model_config_from_run(config_path: str):
-    model = read_run_config(config_path).get("model")
-    if not isinstance(model, dict):
-        raise UserError(f"{config_path}: no 'model:' section")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise UserError(f"{config_path}: unknown model keys {unknown}")
-    # keys a from_init run left to its checkpoint: the schema defaults here (a checkpoint's own config.yaml, or
-    # the run's model_config.json, has them all)
-    return ModelConfig(**{key: value for key, value in model.items() if value != UNSET})
-
-
 def load_ours(path: str, dtype, config_path):
     if os.path.isdir(path) and pretrained.is_dcp_dir(path):  # a trainer checkpoint
         from moba_train.model.dcp_import import load_dcp_model
 
-        run_dir = pretrained.find_run_model_config(path)
-        if config_path is None and run_dir is not None:  # the architecture the run recorded
-            cfg = pretrained.read_config(run_dir, pretrained.RUN_MODEL_CONFIG)
-        else:
-            cfg = model_config_from_run(config_path or find_run_config(path))
+        cfg = None if config_path else pretrained.trained_model_config(path)
+        if cfg is None:
+            run_dir = pretrained.find_run_model_config(path)
+            if config_path is None and run_dir is not None:  # written before checkpoints carried config.yaml
+                cfg = pretrained.read_config(run_dir, pretrained.RUN_MODEL_CONFIG)
+            else:
+                cfg = pretrained.model_config_from_run(config_path or find_run_config(path))
         cfg.init_from = None
         return load_dcp_model(path, cfg, AttentionConfig(kind="full"), "cpu")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):

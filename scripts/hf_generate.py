@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
             register_moba(args.block_size, args.top_k, args.backend, args.full_attn_last_k, args.full_decode)
         except ValueError as err:  # the settings' own check, naming the bad value
             fail(f"MoBA settings (--block-size, --top-k, --backend, --full-attn-last-k): {err}")
+    from moba_train.model.pretrained import TOKENIZER_MARKS
+
+    if not any((path / name).is_file() for name in TOKENIZER_MARKS):  # transformers would blame sentencepiece
+        fail(f"{path}: no tokenizer ({', '.join(TOKENIZER_MARKS)}); copy the tokenizer files of the model it came "
+             "from into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:

@@ -26,7 +26,8 @@ LOG2E = 1.4426950408889634
 HQ, HKV, DIM = 32, 8, 128
 
 GATE = [{"BLOCK_B": 32, "num_warps": 4}, {"BLOCK_B": 16, "num_warps": 4}, {"BLOCK_B": 64, "num_warps": 4},
-        {"BLOCK_B": 64, "num_warps": 8}]
+        {"BLOCK_B": 64, "num_warps": 8}]  # the round-by-round top-k (DEPTH 0)
+LANES = [{"BLOCK_B": 32, "num_warps": 8}, {"BLOCK_B": 16, "num_warps": 4}, {"BLOCK_B": 16, "num_warps": 8}]  # top_k <= 3
 PAST = [{"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
         {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}]
@@ -78,7 +79,8 @@ def tune(name):
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
     scale = DIM ** -0.5
     layout, idx = selection(q, k, cu, block_size, top_k)
-    for cfg in GATE:
+    lanes = [{**cfg, "DEPTH": top_k - 1} for cfg in LANES] if top_k <= 3 else []
+    for cfg in [{**cfg, "DEPTH": 0} for cfg in GATE] + lanes:
         same = torch.equal(gate.select(q, k, layout, top_k, cfg), idx)
         print(name, "gate", cfg, f"{ms(lambda: gate.select(q, k, layout, top_k, cfg)):.2f} ms", "same" if same
               else "DIFFERENT", flush=True)

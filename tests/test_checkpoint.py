@@ -1,6 +1,7 @@
 """Checkpoints: exact resume, SIGTERM save-and-exit, kill during a save, retention, 2 ranks -> 1 rank, async saves,
 rollback, changed optimizer settings on resume, clear errors."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -234,6 +235,13 @@ def test_resume_refuses_another_init_from(tmp_path):
     Trainer(config(run, "train.steps=1", f"model.init_from={other}")).train()
     assert Trainer(config(run, "train.steps=2", f"model.init_from={other}")).step == 1
     assert Trainer(config(run, "train.steps=2")).step == 1
+    # a run dir as init_from resolves to its newest checkpoint; the source training on must not block the resume
+    # (it was refused: SFT from a pretraining run still saving could not be resumed)
+    sft = tmp_path / "sft"
+    Trainer(config(sft, "train.steps=1", f"model.init_from={tmp_path / 'other'}")).train()
+    Trainer(config(tmp_path / "other", "train.steps=2")).train()
+    assert (tmp_path / "other" / "checkpoints" / "step_00000002").is_dir()
+    assert Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}")).step == 1
     Trainer(config(tmp_path / "random", "train.steps=1")).train()
     cases = ((run, tmp_path / "random", other), (tmp_path / "random", other, "random weights"))
     for target, init_from, started in cases:
@@ -537,3 +545,34 @@ def test_divergence_stops_before_saving_it(tmp_path, broken):
     with pytest.raises(UserError, match=r"loss .*, grad norm .* at step 4: training diverged"):
         trainer.train()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2]
+
+
+def test_an_older_checkpoint_keeps_the_model_settings_it_was_trained_with(tmp_path):
+    """A relaunch may change non-shape model settings (rope_theta here); the run's model_config.json then
+    describes the new launch. init_from and ours-to-hf of a checkpoint saved before it took the new value
+    (an export of step 1 declared rope_theta 50000) instead of its own config.yaml's."""
+    from moba_train.model import ModelConfig
+    from moba_train.model.pretrained import resolve_model_config
+
+    Trainer(config(tmp_path, "train.steps=1")).train()
+    Trainer(config(tmp_path, "train.steps=2", "model.rope_theta=50000.0")).train()
+    first, second = (tmp_path / "checkpoints" / f"step_0000000{i}" for i in (1, 2))
+    assert json.loads((tmp_path / "model_config.json").read_text())["model"]["rope_theta"] == 50000.0
+    trained = config(tmp_path / "unused", "train.steps=1").model.rope_theta
+    assert trained != 50000.0
+    assert resolve_model_config(ModelConfig(init_from=str(first))).rope_theta == trained
+    assert resolve_model_config(ModelConfig(init_from=str(second))).rope_theta == 50000.0
+    spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    assert convert.load_ours(str(first), None, None).cfg.rope_theta == trained
+
+
+@pytest.mark.parametrize("before, after", [("true", "false"), ("false", "true")])
+def test_flipped_tied_embeddings_is_one_clear_error(tmp_path, before, after):
+    """The model's parameter names and shapes are the same either way; only the optimizer trains one tensor or
+    two. The resume ended in a traceback from set_state_dict (untied -> tied) or read as a damaged checkpoint."""
+    Trainer(config(tmp_path, "train.steps=1", f"model.tie_embeddings={before}")).train()
+    with pytest.raises(ckpt.ShapeMismatch, match=r"trained tensors differ \(lm_head.weight; model.tie_embeddings "
+                                                  r"changed\?\)"):
+        Trainer(config(tmp_path, "train.steps=2", f"model.tie_embeddings={after}"))

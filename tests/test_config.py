@@ -108,3 +108,11 @@ def test_gpu_backends_on_a_cpu_run_fail_before_the_model_is_built():
         with pytest.raises(ConfigError, match=f"attention.backend={backend} needs a CUDA GPU"):
             pick_device("cpu", backend)
     assert pick_device("cpu", "naive").type == "cpu" and pick_device("cpu", "auto").type == "cpu"
+
+
+def test_declared_context_covers_the_trained_one(caplog):
+    """model.max_seq_len (an HF export's max_position_embeddings) below data.seq_len was kept: a run trained at
+    2048 tokens exported a model declaring 1024, whose generation then refused the prompts it was trained on."""
+    assert load("+exp=tiny", "model.max_seq_len=1024", "data.seq_len=2048").model.max_seq_len == 2048
+    assert "model.max_seq_len=1024 is below data.seq_len=2048: raised to 2048" in caplog.text
+    assert load("+exp=tiny", "model.max_seq_len=4096", "data.seq_len=2048").model.max_seq_len == 4096

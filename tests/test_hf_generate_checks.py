@@ -65,6 +65,13 @@ def test_bad_flags_fail_cleanly(llama_dir, tmp_path, monkeypatch, flags, message
     assert "\n" not in str(exit_info.value)
 
 
+def test_a_model_dir_without_a_tokenizer_says_so(llama_dir):
+    """transformers' own message blamed a missing sentencepiece or tiktoken install."""
+    with pytest.raises(SystemExit, match=rf"hf_generate: error: {re.escape(llama_dir)}: no tokenizer \(tokenizer.json, "
+                                         r"tokenizer_config.json, tokenizer.model\)") as exit_info:
+        load_script().main(["--model", llama_dir, *ARGS])
+    assert "\n" not in str(exit_info.value)
+
 @pytest.fixture(scope="module")
 def convert_inputs(tmp_path_factory):
     """A tiny HF Llama dir, its moba-train copy, a DCP checkpoint dir of a run that recorded no architecture,

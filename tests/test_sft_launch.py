@@ -91,8 +91,12 @@ def test_sft_tiny_from_tiny_checkpoint(tmp_path):
     from moba_train.train.trainer import Trainer
 
     bad = [*args, "model.ffn_dim=512", f"train.out_dir={tmp_path / 'bad'}"]
-    with pytest.raises(UserError, match="tiny/model_config.json: the checkpoint has ffn_dim=384 but the config "
+    with pytest.raises(UserError, match="step_00000001/config.yaml: the checkpoint has ffn_dim=384 but the config "
                                         "sets model.ffn_dim=512"):
+        config("sft", *bad)
+    os.remove(tiny / "checkpoints" / "step_00000001" / "config.yaml")  # a checkpoint from before they carried it:
+    with pytest.raises(UserError, match="tiny/model_config.json: the checkpoint has ffn_dim=384 but the config "
+                                        "sets model.ffn_dim=512"):  # the run's record
         config("sft", *bad)
     os.remove(tiny / "model_config.json")  # a run that did not record its architecture: the tensors disagree
     with pytest.raises(UserError, match=r"step_00000001: tensor 'model.layers.0.mlp.gate_proj.weight' has shape "

@@ -16,7 +16,7 @@ import torch
 
 from moba_train.errors import CheckpointError, ConfigError
 from moba_train.model import hf
-from moba_train.model.config import SHAPE_FIELDS, AttentionConfig, ModelConfig
+from moba_train.model.config import SHAPE_FIELDS, UNSET, AttentionConfig, ModelConfig
 from moba_train.model.llama import Llama
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def is_dcp_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ".metadata"))
 
 
+RUN_CONFIG = "config.yaml"  # in each trainer checkpoint: the run's config it was trained with (init_from dropped)
 RUN_MODEL_CONFIG = "model_config.json"  # <train.out_dir>/model_config.json: the architecture of the run's checkpoints
 
 
@@ -151,6 +152,44 @@ def find_run_model_config(dcp_path: str) -> Optional[str]:
             return here
         here = os.path.dirname(here)
     return None
+
+
+def trained_model_config(dcp_path: str) -> Optional[ModelConfig]:
+    """The model a trainer checkpoint was trained with, from its own config.yaml (None for checkpoints written
+    before they carried one). It wins over the run's model_config.json, which every later launch in the run dir
+    rewrites: non-shape settings such as rope_theta may have changed since this checkpoint."""
+    path = os.path.join(dcp_path, RUN_CONFIG)
+    return model_config_from_run(path) if os.path.isfile(path) else None
+
+
+def read_run_config(config_path: str) -> dict:
+    """A run's saved config (yaml or json) as plain containers."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path}: no such config file (--config)")
+    try:
+        run = OmegaConf.to_container(OmegaConf.load(config_path))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # yaml explains on several lines, with the position
+        raise CheckpointError(f"{config_path}: not valid YAML or JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{config_path}: expected a mapping with a model: section, got a {type(run).__name__}")
+    return run
+
+
+def model_config_from_run(config_path: str) -> ModelConfig:
+    """The model section of a run's saved config (a checkpoint's config.yaml or a Hydra config.yaml)."""
+    model = read_run_config(config_path).get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{config_path}: no 'model:' section")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise CheckpointError(f"{config_path}: unknown model keys {unknown}")
+    # keys a from_init run left to its checkpoint: the schema defaults here (a checkpoint's own config.yaml, or
+    # the run's model_config.json, has them all)
+    return ModelConfig(**{key: value for key, value in model.items() if value != UNSET})
 
 
 def recorded_origin(path: str) -> Optional[str]:
@@ -222,8 +261,9 @@ def find_checkpoint(path: str, option: str = "model.init_from") -> str:
 
 def resolve_model_config(model_cfg: ModelConfig, explicit: Optional[Collection[str]] = None) -> ModelConfig:
     """The architecture a run trains: `model.*` itself, or with `model.init_from` the checkpoint's config with
-    the run's overrides (`config_overrides`) on top. A DCP checkpoint's architecture is the `model_config.json` of
-    the run that wrote it (or `model.*` itself for runs that did not record one)."""
+    the run's overrides (`config_overrides`) on top. A DCP checkpoint's architecture is the model of its own
+    config.yaml, or for older checkpoints the `model_config.json` of the run that wrote it (or `model.*` itself
+    for runs that recorded neither)."""
     if not model_cfg.init_from:
         return model_cfg
     if model_cfg.init_from == REQUIRED:
@@ -231,10 +271,12 @@ def resolve_model_config(model_cfg: ModelConfig, explicit: Optional[Collection[s
                           "give model.init_from=<HF Llama dir, moba-train checkpoint dir or run dir>")
     path = find_checkpoint(model_cfg.init_from)
     if is_dcp_dir(path):
-        run_dir = find_run_model_config(path)
-        if run_dir is None:  # written before runs recorded their architecture: model.* must describe it
-            return dataclasses.replace(model_cfg, init_from=os.path.abspath(path))
-        config_path, ckpt_cfg = os.path.join(run_dir, RUN_MODEL_CONFIG), read_config(run_dir, RUN_MODEL_CONFIG)
+        config_path, ckpt_cfg = os.path.join(path, RUN_CONFIG), trained_model_config(path)
+        if ckpt_cfg is None:  # written before checkpoints carried their config: the run's record
+            run_dir = find_run_model_config(path)
+            if run_dir is None:  # written before runs recorded their architecture: model.* must describe it
+                return dataclasses.replace(model_cfg, init_from=os.path.abspath(path))
+            config_path, ckpt_cfg = os.path.join(run_dir, RUN_MODEL_CONFIG), read_config(run_dir, RUN_MODEL_CONFIG)
     elif checkpoint_kind(path) == "hf":
         config_path = os.path.join(path, hf.CONFIG_FILE)
         ckpt_cfg = hf.config_from_hf(hf.read_json(config_path), where=config_path)

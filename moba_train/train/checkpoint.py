@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from moba_train.errors import CheckpointError
 from moba_train.model.dcp_import import dcp_causes, interrupted, read_dcp
-from moba_train.model.pretrained import RUN_MODEL_CONFIG
+from moba_train.model.pretrained import RUN_CONFIG, RUN_MODEL_CONFIG
 from moba_train.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
-RUN_CONFIG = "config.yaml"  # in each checkpoint: the config it was trained with
 FULL_DISK_BYTES = 64 * 2**20  # free space below which a failed save is put down to a full disk
 RESUME_EFFECTS = {  # what a run fact that differs from the checkpoint's means for the resumed run
     "attention": "the layers go on with other attention",
@@ -168,6 +167,14 @@ def init_source(init_from: Optional[str]) -> Optional[str]:
     return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 
 
+def source_run(source: Optional[str]) -> Optional[str]:
+    """The run a recorded init_from belongs to: the run dir of a trainer checkpoint (<run>/checkpoints/step_N),
+    any other source as it is. A run dir given as init_from resolves to its newest checkpoint, which moves on while
+    that run trains: the same source for a resume."""
+    parent = os.path.dirname(os.path.normpath(source)) if source else ""
+    return os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINT_DIR else source
+
+
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -220,8 +227,9 @@ class ShapeMismatch(CheckpointError):
     """A checkpoint of another architecture than the configured model (every checkpoint of its run is)."""
 
 
-def check_model_shapes(path: str, model_state: dict) -> None:
-    """One clear error when the checkpoint's model parameters differ from the model being trained."""
+def check_model_shapes(path: str, model_state: dict, optim_state: Optional[dict] = None) -> None:
+    """One clear error when the checkpoint's model parameters differ from the model being trained, or the
+    optimizer's (tied embeddings train one tensor under both names, so the model's names and shapes match)."""
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()
     except Exception as e:
@@ -236,6 +244,12 @@ def check_model_shapes(path: str, model_state: dict) -> None:
         problems.append(f"not in checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     if unexpected:
         problems.append(f"not in model: {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+    saved_opt = {k[len("optim.state."):].rsplit(".", 1)[0] for k in metadata.state_dict_metadata
+                 if k.startswith("optim.state.")}
+    current_opt = set((optim_state or {}).get("state", {}))
+    if not problems and saved_opt and current_opt and saved_opt != current_opt:
+        differ = sorted(saved_opt ^ current_opt)
+        problems.append(f"trained tensors differ ({', '.join(differ[:4])}; model.tie_embeddings changed?)")
     if problems:
         raise ShapeMismatch(f"{path}: checkpoint model shape differs from the configured model "
                               f"({len(problems)} problems; {problems[0]}{'; ' + problems[1] if len(problems) > 1 else ''}); "
@@ -415,7 +429,7 @@ class Checkpointer:
         """Restore `trainer` from the checkpoint at `path`; returns the run info saved with it."""
         verify(path)
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
-        check_model_shapes(path, model_state)
+        check_model_shapes(path, model_state, optim_state)
         state = {"model": model_state, "optim": optim_state}
         read_dcp(state, path, no_dist=not dist.is_initialized())  # the manifest check above caught missing files
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
@@ -451,7 +465,7 @@ class Checkpointer:
                 raise
             raise CheckpointError(f"{err}; to resume from the previous one: checkpoint.resume={older[-1]}") from None
         started_from = (run_info or {}).get("init_from")
-        if started_from and "init_from" in saved and saved["init_from"] != started_from:
+        if started_from and "init_from" in saved and source_run(saved["init_from"]) != source_run(started_from):
             raise CheckpointError(f"model.init_from={init_from} would be ignored: {path} continues a run started "
                                   f"from {saved['init_from'] or 'random weights'}; write the new run to another "
                                   "train.out_dir (or checkpoint.resume=none to start afresh here)")
