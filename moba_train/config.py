@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moba_train.data.config import DataConfig
 from moba_train.data.tokenizer import BYTE_VOCAB
-from moba_train.errors import ConfigError
+from moba_train.errors import CheckpointError, ConfigError
 from moba_train.model.config import ATTENTION_KINDS, UNSET, AttentionConfig, ModelConfig
 from moba_train.model.rope import ROPE_SCALING_KEYS
 from moba_train.ops import BACKENDS
@@ -84,7 +84,16 @@ def to_config(cfg: DictConfig | Config) -> Config:
     if config.model.init_from:  # the architecture of the checkpoint, with the run's model.* overrides
         from moba_train.model.pretrained import resolve_model_config
 
-        config.model = resolve_model_config(config.model, explicit)
+        try:
+            config.model = resolve_model_config(config.model, explicit)
+        except CheckpointError as err:
+            resumed = resumed_model(config)
+            if resumed is None:
+                raise
+            # the run resumes from its own checkpoint, whose weights replace init_from's anyway
+            logging.getLogger(__name__).warning("%s; resuming %s with the model its checkpoint was trained with",
+                                                err, config.train.out_dir)
+            config.model = dataclasses.replace(resumed, init_from=config.model.init_from)
     declared, trained = config.model.max_seq_len, config.data.seq_len
     if isinstance(declared, int) and isinstance(trained, int) and 0 < declared < trained:
         # the context the model declares (an HF export's max_position_embeddings, which generation enforces)
@@ -94,6 +103,18 @@ def to_config(cfg: DictConfig | Config) -> Config:
         config.model = dataclasses.replace(config.model, max_seq_len=trained)
     validate(config)
     return config
+
+
+def resumed_model(config: Config) -> ModelConfig | None:
+    """The model of the checkpoint `checkpoint.resume` would load for this run (its own config.yaml), if any."""
+    from moba_train.model.pretrained import trained_model_config
+    from moba_train.train.checkpoint import resolve_resume
+
+    try:
+        path = resolve_resume(config.checkpoint.resume, config.train.out_dir)
+    except CheckpointError:
+        return None
+    return trained_model_config(path) if path else None
 
 
 def _require(ok: bool, message: str) -> None:

@@ -242,6 +242,17 @@ def test_resume_refuses_another_init_from(tmp_path):
     Trainer(config(tmp_path / "other", "train.steps=2")).train()
     assert (tmp_path / "other" / "checkpoints" / "step_00000002").is_dir()
     assert Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}")).step == 1
+    # the source gone (retention, a moved dir): the run resumes from its own checkpoint, whose model it takes
+    # (it failed on the missing source, so a crashed SFT run whose source checkpoint was pruned was lost)
+    import shutil
+
+    shutil.rmtree(tmp_path / "other")
+    resumed = Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}"))
+    assert resumed.step == 1
+    resumed.train()
+    assert sorted(losses(sft)) == [1, 2]
+    with pytest.raises(UserError, match="no such checkpoint directory"):  # nothing to resume: the source is needed
+        config(tmp_path / "fresh", "train.steps=1", f"model.init_from={tmp_path / 'other'}")
     Trainer(config(tmp_path / "random", "train.steps=1")).train()
     cases = ((run, tmp_path / "random", other), (tmp_path / "random", other, "random weights"))
     for target, init_from, started in cases:

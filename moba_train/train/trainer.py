@@ -9,7 +9,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from moba_train.model.pretrained import init_model, write_run_model_config
 from moba_train.parallel import ParallelDims, clip_grad_norm, init_parallel, parallelize, shard_micro_batch
 from moba_train.train.metrics import MetricsLogger
 from moba_train.train.optim import apply_config, build_optimizer, build_scheduler
-from moba_train.train.checkpoint import Checkpointer, init_source
+from moba_train.train.checkpoint import Checkpointer, init_source, resolve_resume
 from moba_train.train.signals import StopFlag
 from moba_train.train.stages import TrainingStages
 
@@ -53,7 +53,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dims: ParallelDims = init_parallel(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)
-        model = init_model(cfg.model, cfg.attention, self.device, resolved=True)  # random, or model.init_from's
+        # random, or model.init_from's; random where a checkpoint of this run follows (its weights replace them)
+        resuming = resolve_resume(cfg.checkpoint.resume, cfg.train.out_dir) is not None
+        start = replace(cfg.model, init_from=None) if resuming else cfg.model
+        model = init_model(start, cfg.attention, self.device, resolved=True)
         self.model = parallelize(model, cfg, self.dims)
         self.stages = TrainingStages(cfg, self.dims.is_main)  # attention.schedule, data.seq_len_schedule
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
@@ -71,7 +74,7 @@ class Trainer:
         if self.checkpointer.resume(self, cfg.train.out_dir, self.run_info, cfg.model.init_from):
             apply_config(self.optimizer, self.scheduler, cfg.train)
         if self.dims.is_main:  # the architecture of this run's checkpoints (init_from resolved), once resume
-            write_run_model_config(model.cfg, cfg.train.out_dir)  # accepted it (a refused one leaves the old)
+            write_run_model_config(cfg.model, cfg.train.out_dir)  # accepted it (a refused one leaves the old)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
