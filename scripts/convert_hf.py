@@ -4,8 +4,9 @@
     python scripts/convert_hf.py ours-to-hf  CKPT_DIR OUT_DIR [--dtype bfloat16] [--max-shard-gb 5]
 
 CKPT_DIR is a consolidated moba-train dir (config.json + model.safetensors, what hf-to-ours writes) or a
-trainer DCP checkpoint dir; its architecture is the run's model_config.json (<run>/checkpoints/step_N), or
---config FILE (a yaml/json with a model: section, e.g. <run>/.hydra/config.yaml) for older runs.
+trainer DCP checkpoint dir (<run>/checkpoints/step_N); its architecture is the model section of the checkpoint's
+own config.yaml (older checkpoints: the run's model_config.json, else <run>/.hydra/config.yaml), or --config FILE
+(a yaml/json with a model: section) where given.
 The tokenizer (and generation config) comes along from the nearest checkpoint that has one, following the
 recorded `init_from` links back (a trainer checkpoint -> the HF dir its run started from); so do the HF config's
 bos/eos/pad token ids. A trainer checkpoint's config.json also gets the attention it was last trained with

@@ -1,5 +1,6 @@
 """Needle-retrieval eval of a trained run on the embedded task: accuracy, loss and MoBA gate recall by how far
-back the needle sits. Uses the run's own config (<run>/.hydra/config.yaml) and its newest checkpoint.
+back the needle sits. Uses the run's newest checkpoint and the config it was trained with (its config.yaml; older
+checkpoints: <run>/.hydra/config.yaml).
 
     python scripts/eval_needle.py --run runs/tiny [--samples 32] [--seed 12345] [--top-k 1]
 """

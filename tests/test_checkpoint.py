@@ -519,6 +519,12 @@ def test_finished_run_launched_again_says_so(tmp_path, caplog):
     assert trainer.step == 2
     assert "the checkpoint at step 2 has reached train.steps=2: nothing to train" in caplog.text
     assert "'top_k': 1" in caplog.text and "the layers go on with other attention" in caplog.text
+    # more steps: the warning said the sample order may differ, though the stream goes on where it was
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer(config(tmp_path, "train.steps=3", "attention.top_k=1"))
+    assert "resuming with steps=3, saved with 2: the learning-rate schedule" in caplog.text
+    assert "sample order" not in caplog.text
 
 
 def test_sigterm_to_the_launcher_saves_and_exits_0(tmp_path):

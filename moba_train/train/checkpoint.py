@@ -62,6 +62,9 @@ TMP_PREFIX = ".tmp-"
 FULL_DISK_BYTES = 64 * 2**20  # free space below which a failed save is put down to a full disk
 RESUME_EFFECTS = {  # what a run fact that differs from the checkpoint's means for the resumed run
     "attention": "the layers go on with other attention",
+    "steps": "the learning-rate schedule and the stage boundaries (fractions of train.steps) are recomputed; the "
+             "data stream goes on where it was",
+    "global_batch": "each step now takes another number of samples; the data stream goes on where it was",
     "data_index": "megatron data comes from another sample index than the saved run's (checkpoints written before "
                   "the index covered one pass): the resumed stream differs, samples may repeat or be skipped"}
 RECORDED_SINCE = {"data_index"}  # facts whose absence from a checkpoint is itself a difference
