@@ -226,7 +226,7 @@ def test_damaged_init_from_is_one_clear_error(straight, tmp_path, damage):
     assert "\n" not in str(err.value)
 
 
-def test_resume_refuses_another_init_from(tmp_path):
+def test_resume_refuses_another_init_from(tmp_path, caplog):
     """A run dir resumed with a new model.init_from would train on from its checkpoint, silently dropping the
     new weights; relaunching with the same init_from, or without it, resumes."""
     Trainer(config(tmp_path / "other", "train.steps=1")).train()
@@ -241,7 +241,9 @@ def test_resume_refuses_another_init_from(tmp_path):
     Trainer(config(sft, "train.steps=1", f"model.init_from={tmp_path / 'other'}")).train()
     Trainer(config(tmp_path / "other", "train.steps=2")).train()
     assert (tmp_path / "other" / "checkpoints" / "step_00000002").is_dir()
-    assert Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}")).step == 1
+    with caplog.at_level(logging.WARNING):
+        assert Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}")).step == 1
+    assert "step_00000002; the run started from" in caplog.text and "step_00000001 of the same source" in caplog.text
     # the source gone (retention, a moved dir): the run resumes from its own checkpoint, whose model it takes
     # (it failed on the missing source, so a crashed SFT run whose source checkpoint was pruned was lost)
     import shutil

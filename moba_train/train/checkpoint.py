@@ -472,6 +472,9 @@ class Checkpointer:
             raise CheckpointError(f"model.init_from={init_from} would be ignored: {path} continues a run started "
                                   f"from {saved['init_from'] or 'random weights'}; write the new run to another "
                                   "train.out_dir (or checkpoint.resume=none to start afresh here)")
+        if started_from and saved.get("init_from") not in (None, started_from):
+            log.warning("model.init_from now resolves to %s; the run started from %s of the same source and goes on "
+                        "from its own checkpoint", started_from, saved["init_from"])
         self._abandon_newer(trainer.step, out_dir)
         for key, value in (run_info or {}).items():
             if key == "init_from":  # checked above; leaving it out on a relaunch is fine
