@@ -131,7 +131,10 @@ def routes_case() -> dict:
     gen = torch.Generator().manual_seed(4)
     result = {}
     # (doc lengths, Hq, Hkv, block, top_k, rows per entry): 8 KV heads x 128 blocks x 33 slots > 32767 segments
-    for lengths, hq, hkv, block, top_k, tile_m in (((90, 0, 300, 47), 6, 2, 16, 4, 16), ((2048,), 8, 8, 16, 34, 32)):
+    # the third: every query's best past block is block 0 (a sink), so one segment per slot holds most rows
+    for lengths, hq, hkv, block, top_k, tile_m, sink in (((90, 0, 300, 47), 6, 2, 16, 4, 16, False),
+                                                        ((2048,), 8, 8, 16, 34, 32, False),
+                                                        ((1500,), 4, 2, 16, 3, 16, True)):
         cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
         layout = build_layout(cu, block, 16, torch.device("cpu"))
         sel, keys = [], []
@@ -139,8 +142,9 @@ def routes_case() -> dict:
         for length in lengths:
             own = torch.arange(length) // block
             n_blk = -(-length // block)
-            score = torch.rand(length, hq, max(n_blk, 1), generator=gen).masked_fill(
-                torch.arange(max(n_blk, 1)) >= own[:, None, None], -1.0)
+            score = torch.rand(length, hq, max(n_blk, 1), generator=gen)
+            score[..., 0] += sink
+            score = score.masked_fill(torch.arange(max(n_blk, 1)) >= own[:, None, None], -1.0)
             val, ix = score.topk(min(top_k - 1, max(n_blk, 1)), dim=-1)
             past = torch.where(val >= 0, ix, 1 << 20).sort(-1).values
             n_past = (past < 1 << 20).sum(-1)
@@ -376,7 +380,7 @@ def test_triton_on_context_parallel_zero_rows(interpreted):
 
 def test_routes_match_a_lexsort_reference(interpreted):
     res = interpreted["routes"]
-    assert len(res) == 2 and max(map(int, res)) > 32767, res  # both key widths ran
+    assert len(res) == 3 and max(map(int, res)) > 32767, res  # both key widths and the sink case ran
     assert all(all(checks.values()) for checks in res.values()), res
 
 

@@ -228,7 +228,7 @@ def test_fused_op_compiles_once_across_packings():
 
     kernels = (fwd._past_kernel, fwd._past_block_kernel, fwd._own_kernel, bwd._rows_kernel, bwd_kv.kv_kernel,
                bwd_q.dq_past_kernel, bwd_q.dq_own_kernel, gate._gate_kernel, means._means_kernel,
-               routing._keys_kernel, routing._cut_kernel)
+               routing._keys_kernel, routing._ends_kernel, routing._cut_kernel)
     hq, hkv, dim, block_size, top_k = 8, 2, 128, 64, 3
     counts = []
     for lengths in ((1000, 3000, 517), (65,) * 9 + (3932,)):  # 72 then 80 blocks, 4517 tokens each

@@ -63,40 +63,50 @@ def _keys_kernel(Idx, Key, QTiles, BlkStart, BlkLen, BlkLocal, NB, N_SEG, HQ: tl
     tl.store(Key + rows * n_slots + slot[None, None, :], key.to(Key.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "slot_tiles"])
-def _cut_kernel(SegStart, Tiles, n_pairs, slot_tiles, N_SLOTS: tl.constexpr, TILE_M: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """One slot's entries: its segments (pair after pair) cut into runs of at most TILE_M rows, packed from the
-    slot's first entry, each (start in rows, row count, pair); the reserved entries after them hold 0 rows. One
-    program per slot walks the pairs in chunks (one launch instead of a dozen torch ops: the host's time per call
-    is what bounds short sequences)."""
+@triton.jit(do_not_specialize=["n_pairs"])
+def _ends_kernel(SegStart, Ends, n_pairs, N_SLOTS: tl.constexpr, TILE_M: tl.constexpr, BLOCK: tl.constexpr):
+    """Per slot (one program): where each pair's entries end among the slot's entries, the running sum of its
+    segments' entry counts (pair after pair)."""
     slot = tl.program_id(0)
-    base = slot.to(tl.int64) * slot_tiles
     used = 0
     for p0 in range(0, n_pairs, BLOCK):
         pair = p0 + tl.arange(0, BLOCK)
         live = pair < n_pairs
-        seg = pair * N_SLOTS + slot
-        s0 = tl.load(SegStart + seg, mask=live, other=0)
-        s1 = tl.load(SegStart + seg + 1, mask=live, other=0)
+        s0 = tl.load(SegStart + pair * N_SLOTS + slot, mask=live, other=0)
+        s1 = tl.load(SegStart + pair * N_SLOTS + slot + 1, mask=live, other=0)
         n = (s1 - s0 + TILE_M - 1) // TILE_M
-        first = base + used + tl.cumsum(n, 0) - n
-        for j in range(0, tl.max(n, 0)):
-            start = s0 + j * TILE_M
-            out = Tiles + (first + j) * 3
-            write = j < n
-            tl.store(out, start, mask=write)
-            tl.store(out + 1, tl.minimum(s1 - start, TILE_M), mask=write)
-            tl.store(out + 2, pair, mask=write)
+        tl.store(Ends + slot.to(tl.int64) * n_pairs + pair, used + tl.cumsum(n, 0), mask=live)
         used += tl.sum(n, 0)
-    for t0 in range(used, slot_tiles, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        out = Tiles + (base + t) * 3
-        spare = t < slot_tiles
-        tl.store(out, 0, mask=spare)
-        tl.store(out + 1, 0, mask=spare)
-        tl.store(out + 2, 0, mask=spare)
 
+
+@triton.jit(do_not_specialize=["n_pairs", "slot_tiles", "search_steps"])
+def _cut_kernel(SegStart, Ends, Tiles, n_pairs, slot_tiles, search_steps, N_SLOTS: tl.constexpr,
+                TILE_M: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK entries of one slot, each (start in rows, row count, pair): entry t belongs to the first pair whose
+    entries end after t (binary search in `Ends`), and is that pair's segment cut at (t - its first entry) *
+    TILE_M; entries past the slot's last hold 0 rows. Vectorised over entries, so one long segment (every query
+    picking the same block) costs what many short ones do."""
+    slot = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ends = Ends + slot.to(tl.int64) * n_pairs
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.zeros([BLOCK], tl.int32) + n_pairs
+    for _ in range(search_steps):  # ceil(log2(n_pairs + 1)) halvings
+        mid = (lo + hi) // 2
+        right = tl.load(ends + mid, mask=mid < n_pairs, other=2147483647) <= t
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    live = lo < n_pairs  # t lies before the slot's last entry end
+    pair = tl.where(live, lo, 0)
+    s0 = tl.load(SegStart + pair * N_SLOTS + slot, mask=live, other=0)
+    s1 = tl.load(SegStart + pair * N_SLOTS + slot + 1, mask=live, other=0)
+    first = tl.load(ends + pair, mask=live, other=0) - (s1 - s0 + TILE_M - 1) // TILE_M
+    start = s0 + (t - first) * TILE_M
+    out = Tiles + (slot.to(tl.int64) * slot_tiles + t) * 3
+    keep = t < slot_tiles
+    tl.store(out, tl.where(live, start, 0), mask=keep)
+    tl.store(out + 1, tl.where(live, tl.minimum(s1 - start, TILE_M), 0), mask=keep)
+    tl.store(out + 2, pair, mask=keep)
 
 def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     """Never reads the GPU: launch sizes are bounds known from the shapes, so the host queues on."""
@@ -123,6 +133,10 @@ def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     # forward tiles: each slot's segments cut into tiles of tile_m rows, packed from the slot's first tile on.
     # A slot holds at most T * Hq rows, so ceil(T * Hq / tile_m) + (one partial tile per segment) bounds it.
     slot_tiles = -(-tokens * hq // tile_m) + n_pairs
+    ends = torch.empty(n_slots, n_pairs, device=device, dtype=torch.int32)
+    _ends_kernel[(n_slots,)](seg_start, ends, n_pairs, N_SLOTS=n_slots, TILE_M=tile_m, BLOCK=1024)
     tiles = torch.empty(n_slots * slot_tiles, 3, device=device, dtype=torch.int32)
-    _cut_kernel[(n_slots,)](seg_start, tiles, n_pairs, slot_tiles, N_SLOTS=n_slots, TILE_M=tile_m, BLOCK=1024)
+    _cut_kernel[(n_slots, triton.cdiv(slot_tiles, 1024))](seg_start, ends, tiles, n_pairs, slot_tiles,
+                                                          n_pairs.bit_length(), N_SLOTS=n_slots, TILE_M=tile_m,
+                                                          BLOCK=1024)
     return Routes(n_slots, tile_m, rows, seg_start, tiles, slot_tiles)
