@@ -82,18 +82,17 @@ def to_config(cfg: DictConfig | Config) -> Config:
         explicit = [key for key in raw if key not in unset] if unset else None
         config = OmegaConf.to_object(cfg)
     if config.model.init_from:  # the architecture of the checkpoint, with the run's model.* overrides
-        from moba_train.model.pretrained import resolve_model_config
+        from moba_train.model.pretrained import REQUIRED, resolve_model_config
 
-        try:
+        source = config.model.init_from
+        own = None if source == REQUIRED or os.path.exists(source) else resumed_checkpoint(config)
+        if own is None:
             config.model = resolve_model_config(config.model, explicit)
-        except CheckpointError as err:
-            resumed = resumed_model(config)
-            if resumed is None:
-                raise
-            # the run resumes from its own checkpoint, whose weights replace init_from's anyway
-            logging.getLogger(__name__).warning("%s; resuming %s with the model its checkpoint was trained with",
-                                                err, config.train.out_dir)
-            config.model = dataclasses.replace(resumed, init_from=config.model.init_from)
+        else:  # the source is gone; the run resumes from its own checkpoint, whose weights replace the source's
+            logging.getLogger(__name__).warning("model.init_from=%s: no such path; %s resumes with the model its "
+                                                "checkpoint %s was trained with", source, config.train.out_dir, own)
+            resolved = resolve_model_config(dataclasses.replace(config.model, init_from=own), explicit)
+            config.model = dataclasses.replace(resolved, init_from=os.path.abspath(source))
     declared, trained = config.model.max_seq_len, config.data.seq_len
     if isinstance(declared, int) and isinstance(trained, int) and 0 < declared < trained:
         # the context the model declares (an HF export's max_position_embeddings, which generation enforces)
@@ -105,16 +104,14 @@ def to_config(cfg: DictConfig | Config) -> Config:
     return config
 
 
-def resumed_model(config: Config) -> ModelConfig | None:
-    """The model of the checkpoint `checkpoint.resume` would load for this run (its own config.yaml), if any."""
-    from moba_train.model.pretrained import trained_model_config
+def resumed_checkpoint(config: Config) -> str | None:
+    """The checkpoint `checkpoint.resume` would load for this run, if any."""
     from moba_train.train.checkpoint import resolve_resume
 
     try:
-        path = resolve_resume(config.checkpoint.resume, config.train.out_dir)
+        return resolve_resume(config.checkpoint.resume, config.train.out_dir)
     except CheckpointError:
         return None
-    return trained_model_config(path) if path else None
 
 
 def _require(ok: bool, message: str) -> None:

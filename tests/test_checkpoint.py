@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,23 +245,37 @@ def test_resume_refuses_another_init_from(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}")).step == 1
     assert "step_00000002; the run started from" in caplog.text and "step_00000001 of the same source" in caplog.text
-    # the source gone (retention, a moved dir): the run resumes from its own checkpoint, whose model it takes
-    # (it failed on the missing source, so a crashed SFT run whose source checkpoint was pruned was lost)
-    import shutil
-
-    shutil.rmtree(tmp_path / "other")
-    resumed = Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}"))
-    assert resumed.step == 1
-    resumed.train()
-    assert sorted(losses(sft)) == [1, 2]
-    with pytest.raises(UserError, match="no such checkpoint directory"):  # nothing to resume: the source is needed
-        config(tmp_path / "fresh", "train.steps=1", f"model.init_from={tmp_path / 'other'}")
+    # two sources that merely sit in folders named checkpoints are two sources (only <run>/checkpoints/step_N
+    # checkpoints are one run's)
+    for name in ("m1", "m2"):
+        shutil.copytree(tmp_path / "other" / "checkpoints" / "step_00000001", tmp_path / "hub" / "checkpoints" / name)
+    Trainer(config(tmp_path / "from_m1", "train.steps=1", f"model.init_from={tmp_path / 'hub/checkpoints/m1'}")).train()
+    with pytest.raises(UserError, match="would be ignored"):
+        Trainer(config(tmp_path / "from_m1", "train.steps=2", f"model.init_from={tmp_path / 'hub/checkpoints/m2'}"))
     Trainer(config(tmp_path / "random", "train.steps=1")).train()
     cases = ((run, tmp_path / "random", other), (tmp_path / "random", other, "random weights"))
     for target, init_from, started in cases:
         with pytest.raises(UserError, match=f"model.init_from={init_from}.* would be ignored: {target}.* started "
                                             f"from {started}"):
             Trainer(config(target, "train.steps=2", f"model.init_from={init_from}"))
+
+
+def test_resume_after_the_source_is_gone(tmp_path, monkeypatch):
+    """A pruned or moved init_from source: the run resumes from its own checkpoint, whose model it takes with the
+    run's model.* overrides (it failed on the missing source, so a crashed SFT run whose source was pruned was
+    lost); init_from given relative resolves the same."""
+    monkeypatch.chdir(tmp_path)
+    Trainer(config(tmp_path / "other", "train.steps=1")).train()
+    Trainer(config(tmp_path / "run", "train.steps=1", "model.init_from=other")).train()
+    shutil.move(tmp_path / "other", tmp_path / "moved")
+    resumed = Trainer(config(tmp_path / "run", "train.steps=2", "model.init_from=other", "model.rope_theta=50000.0"))
+    assert resumed.step == 1 and resumed.cfg.model.rope_theta == 50000.0
+    resumed.train()
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    with pytest.raises(UserError, match="checkpoint has n_layers=2 but the config sets model.n_layers=3"):
+        config(tmp_path / "run", "train.steps=3", "model.init_from=other", "model.n_layers=3")
+    with pytest.raises(UserError, match="no such checkpoint directory"):  # nothing to resume: the source is needed
+        config(tmp_path / "fresh", "train.steps=1", "model.init_from=other")
 
 
 def run_two_ranks(out_dir, *overrides, timeout=300):

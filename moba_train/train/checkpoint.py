@@ -164,18 +164,21 @@ def _save_failure(err: BaseException, causes: list[BaseException], root: str) ->
 
 
 def init_source(init_from: Optional[str]) -> Optional[str]:
-    """model.init_from as a run fact: an existing path made absolute (a hub name as given), or None."""
-    if not init_from:
-        return None
-    return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    """model.init_from as a run fact: the path made absolute (also one gone since the run started), or None."""
+    return os.path.abspath(init_from) if init_from else None
 
 
 def source_run(source: Optional[str]) -> Optional[str]:
     """The run a recorded init_from belongs to: the run dir of a trainer checkpoint (<run>/checkpoints/step_N),
     any other source as it is. A run dir given as init_from resolves to its newest checkpoint, which moves on while
     that run trains: the same source for a resume."""
-    parent = os.path.dirname(os.path.normpath(source)) if source else ""
-    return os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINT_DIR else source
+    if not source:
+        return source
+    path = os.path.normpath(source)
+    parent = os.path.dirname(path)
+    if STEP_DIR.match(os.path.basename(path)) and os.path.basename(parent) == CHECKPOINT_DIR:
+        return os.path.dirname(parent)
+    return path
 
 
 def _rng_state() -> dict:
