@@ -85,14 +85,21 @@ def to_config(cfg: DictConfig | Config) -> Config:
         from moba_train.model.pretrained import REQUIRED, resolve_model_config
 
         source = config.model.init_from
-        own = None if source == REQUIRED or os.path.exists(source) else resumed_checkpoint(config)
+        own = None if source == REQUIRED else resumed_checkpoint(config)
         if own is None:
             config.model = resolve_model_config(config.model, explicit)
-        else:  # the source is gone; the run resumes from its own checkpoint, whose weights replace the source's
-            logging.getLogger(__name__).warning("model.init_from=%s: no such path; %s resumes with the model its "
-                                                "checkpoint %s was trained with", source, config.train.out_dir, own)
+        else:  # a resume: the model its own checkpoint was trained with (a source that has moved on since, or is
+            # gone, would change it), the run's model.* overrides on top; the source's weights are never loaded
+            from moba_train.model.pretrained import find_checkpoint
+
             resolved = resolve_model_config(dataclasses.replace(config.model, init_from=own), explicit)
-            config.model = dataclasses.replace(resolved, init_from=os.path.abspath(source))
+            if os.path.exists(source):
+                origin = os.path.abspath(find_checkpoint(source))
+            else:
+                logging.getLogger(__name__).warning("model.init_from=%s: no such path; %s resumes from its own "
+                                                    "checkpoint %s", source, config.train.out_dir, own)
+                origin = os.path.abspath(source)
+            config.model = dataclasses.replace(resolved, init_from=origin)
     declared, trained = config.model.max_seq_len, config.data.seq_len
     if isinstance(declared, int) and isinstance(trained, int) and 0 < declared < trained:
         # the context the model declares (an HF export's max_position_embeddings, which generation enforces)

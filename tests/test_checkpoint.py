@@ -240,10 +240,12 @@ def test_resume_refuses_another_init_from(tmp_path, caplog):
     # (it was refused: SFT from a pretraining run still saving could not be resumed)
     sft = tmp_path / "sft"
     Trainer(config(sft, "train.steps=1", f"model.init_from={tmp_path / 'other'}")).train()
-    Trainer(config(tmp_path / "other", "train.steps=2")).train()
+    Trainer(config(tmp_path / "other", "train.steps=2", "model.rope_theta=50000.0")).train()
     assert (tmp_path / "other" / "checkpoints" / "step_00000002").is_dir()
     with caplog.at_level(logging.WARNING):
-        assert Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}")).step == 1
+        resumed = Trainer(config(sft, "train.steps=2", f"model.init_from={tmp_path / 'other'}"))
+    # the model its own checkpoint was trained with, not the source's newer settings (rope_theta went along)
+    assert resumed.step == 1 and resumed.cfg.model.rope_theta != 50000.0
     assert "step_00000002; the run started from" in caplog.text and "step_00000001 of the same source" in caplog.text
     # two sources that merely sit in folders named checkpoints are two sources (only <run>/checkpoints/step_N
     # checkpoints are one run's)
@@ -610,3 +612,20 @@ def test_flipped_tied_embeddings_is_one_clear_error(tmp_path, before, after):
     with pytest.raises(ckpt.ShapeMismatch, match=r"trained tensors differ \(lm_head.weight; model.tie_embeddings "
                                                   r"changed\?\)"):
         Trainer(config(tmp_path, "train.steps=2", f"model.tie_embeddings={after}"))
+
+
+def test_tokenizer_lineage_passes_a_pruned_checkpoint(tmp_path):
+    """A run started from <run>/checkpoints/step_N whose checkpoint retention later pruned: the lineage (tokenizer,
+    special ids for exports and SFT templates) goes on through that run's model_config.json; it stopped at the
+    missing dir, so an SFT resume and an ours-to-hf export found no tokenizer."""
+    from moba_train.model.pretrained import tokenizer_dir
+
+    Trainer(config(tmp_path / "a", "train.steps=1")).train()
+    root = tmp_path / "a" / "checkpoints" / "step_00000001"
+    (root / "tokenizer.json").write_text("{}")  # a tokenizer at the root of the lineage
+    Trainer(config(tmp_path / "p", "train.steps=1", f"model.init_from={root}")).train()
+    pruned = tmp_path / "p" / "checkpoints" / "step_00000001"
+    Trainer(config(tmp_path / "k", "train.steps=1", f"model.init_from={pruned}")).train()
+    shutil.rmtree(pruned)
+    assert tokenizer_dir(str(pruned)) == str(root)
+    assert tokenizer_dir(str(tmp_path / "k" / "checkpoints" / "step_00000001")) == str(root)

@@ -207,10 +207,13 @@ def lineage(path: str) -> Iterator[str]:
     """`path`, then the checkpoints it descends from by recorded `init_from` links, nearest first (a trainer
     checkpoint -> the checkpoint its run started from -> ... -> the HF dir at the root)."""
     seen = set()
-    while path and os.path.isdir(path) and os.path.abspath(path) not in seen:
+    while path and os.path.abspath(path) not in seen:
         seen.add(os.path.abspath(path))
-        yield path
-        path = recorded_origin(path)
+        if os.path.isdir(path):
+            yield path
+        elif find_run_model_config(path) is None:  # gone, and no run above it records where it came from
+            return
+        path = recorded_origin(path)  # a pruned <run>/checkpoints/step_N: its run's record goes on
 
 
 def tokenizer_dir(path: str, marks: tuple[str, ...] = TOKENIZER_MARKS) -> Optional[str]:
