@@ -82,7 +82,7 @@ def to_config(cfg: DictConfig | Config) -> Config:
         explicit = [key for key in raw if key not in unset] if unset else None
         config = OmegaConf.to_object(cfg)
     if config.model.init_from:  # the architecture of the checkpoint, with the run's model.* overrides
-        from moba_train.model.pretrained import REQUIRED, resolve_model_config
+        from moba_train.model.pretrained import REQUIRED, find_checkpoint, resolve_model_config
 
         source = config.model.init_from
         own = None if source == REQUIRED else resumed_checkpoint(config)
@@ -90,8 +90,6 @@ def to_config(cfg: DictConfig | Config) -> Config:
             config.model = resolve_model_config(config.model, explicit)
         else:  # a resume: the model its own checkpoint was trained with (a source that has moved on since, or is
             # gone, would change it), the run's model.* overrides on top; the source's weights are never loaded
-            from moba_train.model.pretrained import find_checkpoint
-
             resolved = resolve_model_config(dataclasses.replace(config.model, init_from=own), explicit)
             if os.path.exists(source):
                 origin = os.path.abspath(find_checkpoint(source))

@@ -92,13 +92,11 @@ def load_ours(path: str, dtype, config_path):
     if os.path.isdir(path) and pretrained.is_dcp_dir(path):  # a trainer checkpoint
         from moba_train.model.dcp_import import load_dcp_model
 
-        cfg = None if config_path else pretrained.trained_model_config(path)
-        if cfg is None:
-            run_dir = pretrained.find_run_model_config(path)
-            if config_path is None and run_dir is not None:  # written before checkpoints carried config.yaml
-                cfg = pretrained.read_config(run_dir, pretrained.RUN_MODEL_CONFIG)
-            else:
-                cfg = pretrained.model_config_from_run(config_path or find_run_config(path))
+        recorded = None if config_path else pretrained.recorded_model_config(path)
+        if recorded is not None:
+            cfg = recorded[1]
+        else:  # --config, or a run that recorded neither: its Hydra config
+            cfg = pretrained.model_config_from_run(config_path or find_run_config(path))
         cfg.init_from = None
         return load_dcp_model(path, cfg, AttentionConfig(kind="full"), "cpu")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):

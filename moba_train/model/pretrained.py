@@ -154,12 +154,17 @@ def find_run_model_config(dcp_path: str) -> Optional[str]:
     return None
 
 
-def trained_model_config(dcp_path: str) -> Optional[ModelConfig]:
-    """The model a trainer checkpoint was trained with, from its own config.yaml (None for checkpoints written
-    before they carried one). It wins over the run's model_config.json, which every later launch in the run dir
-    rewrites: non-shape settings such as rope_theta may have changed since this checkpoint."""
-    path = os.path.join(dcp_path, RUN_CONFIG)
-    return model_config_from_run(path) if os.path.isfile(path) else None
+def recorded_model_config(dcp_path: str) -> Optional[tuple[str, ModelConfig]]:
+    """(file, model) a trainer checkpoint was recorded with: its own config.yaml, or for checkpoints written before
+    they carried one the run's model_config.json; None where neither exists. The checkpoint's own wins: every later
+    launch in the run dir rewrites model_config.json, and non-shape settings such as rope_theta may have changed."""
+    own = os.path.join(dcp_path, RUN_CONFIG)
+    if os.path.isfile(own):
+        return own, model_config_from_run(own)
+    run_dir = find_run_model_config(dcp_path)
+    if run_dir is None:
+        return None
+    return os.path.join(run_dir, RUN_MODEL_CONFIG), read_config(run_dir, RUN_MODEL_CONFIG)
 
 
 def read_run_config(config_path: str) -> dict:
@@ -274,12 +279,10 @@ def resolve_model_config(model_cfg: ModelConfig, explicit: Optional[Collection[s
                           "give model.init_from=<HF Llama dir, moba-train checkpoint dir or run dir>")
     path = find_checkpoint(model_cfg.init_from)
     if is_dcp_dir(path):
-        config_path, ckpt_cfg = os.path.join(path, RUN_CONFIG), trained_model_config(path)
-        if ckpt_cfg is None:  # written before checkpoints carried their config: the run's record
-            run_dir = find_run_model_config(path)
-            if run_dir is None:  # written before runs recorded their architecture: model.* must describe it
-                return dataclasses.replace(model_cfg, init_from=os.path.abspath(path))
-            config_path, ckpt_cfg = os.path.join(run_dir, RUN_MODEL_CONFIG), read_config(run_dir, RUN_MODEL_CONFIG)
+        recorded = recorded_model_config(path)
+        if recorded is None:  # written before runs recorded their architecture: model.* must describe it
+            return dataclasses.replace(model_cfg, init_from=os.path.abspath(path))
+        config_path, ckpt_cfg = recorded
     elif checkpoint_kind(path) == "hf":
         config_path = os.path.join(path, hf.CONFIG_FILE)
         ckpt_cfg = hf.config_from_hf(hf.read_json(config_path), where=config_path)

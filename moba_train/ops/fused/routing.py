@@ -63,6 +63,14 @@ def _keys_kernel(Idx, Key, QTiles, BlkStart, BlkLen, BlkLocal, NB, N_SEG, HQ: tl
     tl.store(Key + rows * n_slots + slot[None, None, :], key.to(Key.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _segment(SegStart, pair, slot, live, N_SLOTS: tl.constexpr, TILE_M: tl.constexpr):
+    """(first row, end row, entries) of the segments (pair, slot)."""
+    s0 = tl.load(SegStart + pair * N_SLOTS + slot, mask=live, other=0)
+    s1 = tl.load(SegStart + pair * N_SLOTS + slot + 1, mask=live, other=0)
+    return s0, s1, (s1 - s0 + TILE_M - 1) // TILE_M
+
+
 @triton.jit(do_not_specialize=["n_pairs"])
 def _ends_kernel(SegStart, Ends, n_pairs, N_SLOTS: tl.constexpr, TILE_M: tl.constexpr, BLOCK: tl.constexpr):
     """Per slot (one program): where each pair's entries end among the slot's entries, the running sum of its
@@ -72,9 +80,7 @@ def _ends_kernel(SegStart, Ends, n_pairs, N_SLOTS: tl.constexpr, TILE_M: tl.cons
     for p0 in range(0, n_pairs, BLOCK):
         pair = p0 + tl.arange(0, BLOCK)
         live = pair < n_pairs
-        s0 = tl.load(SegStart + pair * N_SLOTS + slot, mask=live, other=0)
-        s1 = tl.load(SegStart + pair * N_SLOTS + slot + 1, mask=live, other=0)
-        n = (s1 - s0 + TILE_M - 1) // TILE_M
+        _, _, n = _segment(SegStart, pair, slot, live, N_SLOTS, TILE_M)
         tl.store(Ends + slot.to(tl.int64) * n_pairs + pair, used + tl.cumsum(n, 0), mask=live)
         used += tl.sum(n, 0)
 
@@ -98,15 +104,15 @@ def _cut_kernel(SegStart, Ends, Tiles, n_pairs, slot_tiles, search_steps, N_SLOT
         hi = tl.where(right, hi, mid)
     live = lo < n_pairs  # t lies before the slot's last entry end
     pair = tl.where(live, lo, 0)
-    s0 = tl.load(SegStart + pair * N_SLOTS + slot, mask=live, other=0)
-    s1 = tl.load(SegStart + pair * N_SLOTS + slot + 1, mask=live, other=0)
-    first = tl.load(ends + pair, mask=live, other=0) - (s1 - s0 + TILE_M - 1) // TILE_M
+    s0, s1, n = _segment(SegStart, pair, slot, live, N_SLOTS, TILE_M)
+    first = tl.load(ends + pair, mask=live, other=0) - n
     start = s0 + (t - first) * TILE_M
     out = Tiles + (slot.to(tl.int64) * slot_tiles + t) * 3
     keep = t < slot_tiles
     tl.store(out, tl.where(live, start, 0), mask=keep)
     tl.store(out + 1, tl.where(live, tl.minimum(s1 - start, TILE_M), 0), mask=keep)
     tl.store(out + 2, pair, mask=keep)
+
 
 def build_routes(idx: Tensor, layout: Layout, hkv: int, tile_m: int) -> Routes:
     """Never reads the GPU: launch sizes are bounds known from the shapes, so the host queues on."""
